@@ -1,0 +1,221 @@
+"""Configuration: the model's shape (from a Hugging Face config.json) and the engine's options.
+
+`EngineConfig` is the single source of defaults. Its fields carry their help text, and every
+command-line tool builds its flags from them with `EngineConfig.add_cli_flags`, so no default is
+typed twice.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "weights" / "apex-tiny-llama")
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a LLaMA-family model, with Hugging Face's field names."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    torch_dtype: str = "float32"
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """KV bytes one token takes across all layers."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
+
+    @classmethod
+    def from_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ValueError(
+                f"unsupported architecture {archs[0]!r} in config.json; apex_mini runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints only"
+            )
+        if not archs and hf.get("model_type", "llama") != "llama":
+            raise ValueError(
+                f"unsupported model_type {hf.get('model_type')!r} in config.json; apex_mini runs "
+                "LLaMA-family checkpoints only"
+            )
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in hf]
+        if missing:
+            raise ValueError(f"config.json lacks required fields: {', '.join(missing)}")
+        n_heads = hf["num_attention_heads"]
+        rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+        rope_theta = hf.get("rope_theta")
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            rope_theta = rope_theta or rope_scaling.get("rope_theta")
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise ValueError(
+                    f"unsupported rope_scaling type {rope_type!r} in config.json; supported: "
+                    f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+                )
+            if rope_type == "default":
+                rope_scaling = None
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_hf(cls, model_dir: str | os.PathLike) -> "ModelConfig":
+        """Read `<model_dir>/config.json`."""
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"model directory {str(path)!r} does not exist; pass --model with a folder that "
+                "holds config.json and *.safetensors"
+            )
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(
+                f"{str(cfg)!r} not found; a model folder needs a Hugging Face config.json"
+            )
+        try:
+            hf = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{str(cfg)!r} is not valid JSON ({e}); re-save the checkpoint") from e
+        return cls.from_dict(hf)
+
+
+def _flag(default, help: str, choices=None, **extra):
+    return field(default=default, metadata={"help": help, "choices": choices, **extra})
+
+
+POLICIES = ("auto", "gpu-only", "static", "neo", "apex")
+
+
+@dataclass
+class EngineConfig:
+    """Every engine option, with its default and help. `LLM(model, **options)` takes these."""
+
+    device: str = _flag("auto", "where weights and linear layers run: auto (cuda if present), cpu, cuda",
+                        choices=("auto", "cpu", "cuda"))
+    dtype: str = _flag("auto", "weight and activation dtype: auto (the checkpoint's on GPU, float32 "
+                       "on CPU), float32, bfloat16, float16",
+                       choices=("auto", "float32", "bfloat16", "float16"))
+    policy: str = _flag("auto", "scheduling policy: auto (apex with a GPU, gpu-only without), "
+                        "gpu-only, static, neo, apex", choices=POLICIES)
+    cpu_fraction: float = _flag(0.5, "static policy: share of running requests whose KV lives in "
+                                "host memory (0..1)")
+    block_size: int = _flag(16, "tokens per KV-cache block")
+    gpu_kv_blocks: int | None = _flag(None, "device KV-cache blocks (default: sized from free memory)")
+    gpu_memory_gb: float | None = _flag(None, "cap on device memory for weights plus KV cache, in GiB, "
+                                        "to emulate a smaller GPU")
+    cpu_kv_blocks: int | None = _flag(None, "host KV-cache blocks (default: from --cpu-kv-gb)")
+    cpu_kv_gb: float = _flag(2.0, "host memory for the KV cache, in GiB, when --cpu-kv-blocks is unset")
+    max_num_seqs: int = _flag(256, "most requests running at once")
+    max_num_batched_tokens: int = _flag(2048, "token budget of one iteration; longer prompts are "
+                                        "prefilled in chunks")
+    max_model_len: int | None = _flag(None, "longest prompt plus output, in tokens (default: the "
+                                      "model's max_position_embeddings)")
+    cpu_threads: int = _flag(1, "worker threads for CPU attention")
+    compile_cpu_attention: bool = _flag(True, "torch.compile the CPU attention kernel (env "
+                                        "APEX_MINI_EAGER_CPU_ATTENTION=1 forces eager)")
+    cuda_graphs: bool = _flag(True, "capture the device part of decode steps in CUDA graphs")
+    bucket_decode: bool = _flag(True, "pad decode batches to power-of-two sizes so static shapes "
+                                "can be reused")
+    compile_decode: bool = _flag(False, "torch.compile the decode step's device forward")
+    latency_margin: float = _flag(0.1, "apex: allowed per-token slowdown over the GPU-only plan "
+                                  "(0.1 = 10%)")
+    profile_path: str | None = _flag(None, "profile JSON for the predictor (default: a cached "
+                                     "profile for this model and machine)")
+    seed: int = _flag(0, "seed for requests that give none")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(
+                    f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}"
+                )
+        if not 0.0 <= self.cpu_fraction <= 1.0:
+            raise ValueError(f"cpu_fraction={self.cpu_fraction} must be between 0 and 1")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("gpu_kv_blocks", "cpu_kv_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be at least 1")
+        if self.latency_margin < 0:
+            raise ValueError(f"latency_margin={self.latency_margin} must be >= 0")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(unknown)}; see EngineConfig")
+        return cls(**kwargs)
+
+    @classmethod
+    def add_cli_flags(cls, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+        """Add one `--flag` per field, with the field's default and help."""
+        group = parser.add_argument_group("engine options")
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            help_text = f"{f.metadata['help']} (default: {f.default})"
+            if f.type in ("bool", bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                   help=help_text)
+            else:
+                kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(
+                    str(f.type), str)
+                group.add_argument(flag, type=kind, default=f.default, help=help_text,
+                                   choices=f.metadata.get("choices"))
+
+    @classmethod
+    def from_cli(cls, args: argparse.Namespace) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})

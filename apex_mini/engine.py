@@ -1,0 +1,151 @@
+"""The engine: builds the pieces, then loops schedule -> execute -> finish.
+
+The scheduler plans, the runner executes, and the engine only connects them and keeps the
+measured iteration times (for the predictor's error report).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import EngineConfig
+from .cpu_attention import CPUAttentionWorker, compile_enabled
+from .kv_cache import BlockManager, KVPool
+from .plan import Plan
+from .policies import make_policy
+from .runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import CPU, GPU, Sequence
+from .streams import Streams
+from .weights import resolve_device, resolve_dtype
+
+ACTIVATION_RESERVE_BYTES = 512 << 20     # device memory kept free for activations and graphs
+CPU_DEVICE_KV_BYTES = 1 << 30            # device-tier KV budget when the "device" is the CPU
+
+
+@dataclass
+class IterationRecord:
+    plan: Plan
+    measured_s: float
+
+
+class Engine:
+    def __init__(self, model, cfg: EngineConfig, tokenizer=None, predictor=None):
+        self.cfg = cfg
+        self.model = model
+        self.model_config = mc = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.tokenizer = tokenizer
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.policy_name = resolve_policy(cfg.policy, self.device)
+        self.streams = Streams(self.device)
+        self._build_cache()
+        self.predictor = predictor
+        if self.policy_name in ("neo", "apex") and predictor is None:
+            from .profiler import predictor_for_engine
+            self.predictor = predictor_for_engine(self)
+        self.policy = make_policy(self.policy_name, cfg, self.predictor)
+        eos = tokenizer.eos_ids if tokenizer is not None else mc.eos_token_ids
+        self.scheduler = Scheduler(self.policy, self.gpu_blocks, self.cpu_blocks, cfg.max_num_seqs,
+                                   cfg.max_num_batched_tokens, self.max_model_len, tuple(eos))
+        self.worker = CPUAttentionWorker(cfg.cpu_threads)
+        graphs = None
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            from .cuda_graphs import CudaGraphDecoder
+            graphs = CudaGraphDecoder(self)
+        self.runner = ModelRunner(model, self.device, self.gpu_pool, self.cpu_pool, self.worker,
+                                  self.streams, cfg.block_size, self.scratch_block,
+                                  cfg.compile_cpu_attention and compile_enabled(), cfg.bucket_decode,
+                                  graphs)
+        self.records: list[IterationRecord] = []
+        self._ids = itertools.count()
+
+    def _build_cache(self) -> None:
+        cfg, mc = self.cfg, self.model_config
+        per_block = KVPool.bytes_per_block(mc.num_hidden_layers, cfg.block_size,
+                                           mc.num_key_value_heads, mc.head_dim, self.dtype)
+        # Never more blocks than every running request at full length could use.
+        most = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
+        gpu_blocks = cfg.gpu_kv_blocks or min(most, self._device_kv_bytes() // per_block)
+        if gpu_blocks < 1:
+            raise ValueError("no device memory is left for the KV cache; lower --gpu-memory-gb "
+                             "use or pass --gpu-kv-blocks")
+        uses_host = self.policy_name != "gpu-only"
+        cpu_blocks = cfg.cpu_kv_blocks or min(most, int(cfg.cpu_kv_gb * (1 << 30)) // per_block)
+        cpu_blocks = cpu_blocks if uses_host else 1
+        self.kv_bytes_per_block = per_block
+        # One extra device block that no request owns: padded decode rows write there.
+        self.scratch_block = gpu_blocks
+        pool_args = (mc.num_hidden_layers, cfg.block_size, mc.num_key_value_heads, mc.head_dim,
+                     self.dtype)
+        self.gpu_pool = KVPool(pool_args[0], gpu_blocks + 1, *pool_args[1:], device=self.device)
+        self.cpu_pool = KVPool(pool_args[0], cpu_blocks, *pool_args[1:], device="cpu",
+                               pin=self.streams.pin)
+        self.gpu_blocks = BlockManager(gpu_blocks, cfg.block_size, GPU)
+        self.cpu_blocks = BlockManager(cpu_blocks, cfg.block_size, CPU)
+
+    def _device_kv_bytes(self) -> int:
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.device.type != "cuda":
+            limit = self.cfg.gpu_memory_gb
+            return int(limit * (1 << 30)) - weights if limit else CPU_DEVICE_KV_BYTES
+        free, _ = torch.cuda.mem_get_info(self.device)
+        budget = free - ACTIVATION_RESERVE_BYTES
+        if self.cfg.gpu_memory_gb:
+            budget = min(budget, int(self.cfg.gpu_memory_gb * (1 << 30)) - weights - ACTIVATION_RESERVE_BYTES)
+        return max(0, budget)
+
+    # ---------------------------------------------------------------- requests
+
+    def add_request(self, token_ids: list[int], params: SamplingParams) -> Sequence:
+        seq_id = next(self._ids)
+        seed = params.seed if params.seed is not None else hash((self.cfg.seed, seq_id)) & (2**62 - 1)
+        seq = Sequence(seq_id, list(token_ids), params, seed=seed)
+        self.scheduler.add(seq)
+        return seq
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> tuple[Plan, list[Sequence]]:
+        """One iteration. Returns the plan it ran and the requests that finished."""
+        plan = self.scheduler.schedule()
+        start = time.perf_counter()
+        tokens = self.runner.execute(plan, self.block_tables())
+        measured = time.perf_counter() - start
+        if not plan.is_empty:
+            self.records.append(IterationRecord(plan, measured))
+        if plan.is_empty and not plan.swaps and self.has_work():
+            raise RuntimeError("the scheduler made no progress; this is a bug")
+        return plan, self.scheduler.finish(plan, tokens)
+
+    def block_tables(self) -> dict[str, dict[int, list[int]]]:
+        return {GPU: self.gpu_blocks.tables, CPU: self.cpu_blocks.tables}
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def resolve_policy(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "apex" if device.type == "cuda" else "gpu-only"
+    return name
+
+
+def load_engine(model_dir: str, cfg: EngineConfig, predictor=None) -> Engine:
+    from .tokenizer import Tokenizer
+    from .weights import load_model
+    from .config import ModelConfig
+
+    device = resolve_device(cfg.device)
+    mc = ModelConfig.from_hf(model_dir)
+    dtype = resolve_dtype(cfg.dtype, mc, device)
+    model = load_model(model_dir, dtype, device)
+    tokenizer = Tokenizer.from_dir(model_dir, eos_ids=mc.eos_token_ids)
+    return Engine(model, cfg, tokenizer, predictor)

@@ -1,0 +1,83 @@
+"""`python -m apex_mini.generate`: write text with the shipped model or any LLaMA checkpoint.
+
+    python -m apex_mini.generate                                  # default model and prompt
+    python -m apex_mini.generate --prompt "Once upon a time" --max-new-tokens 100
+    python -m apex_mini.generate --model /path/to/Llama-2-7b-hf --prompts-file prompts.txt
+
+One prompt streams its tokens as they come; several run as one continuous batch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .cli import run_cli
+from .config import DEFAULT_MODEL_DIR, EngineConfig
+from .llm import LLM
+from .sampling import SamplingParams
+
+DEFAULT_PROMPT = "Once upon a time"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m apex_mini.generate",
+                                description="Generate text with a LLaMA checkpoint.")
+    p.add_argument("--model", default=DEFAULT_MODEL_DIR,
+                   help="model folder in Hugging Face layout (default: the shipped tiny model)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"a prompt; repeat for several (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    EngineConfig.add_cli_flags(p, skip=("seed",))
+    return p
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompts file {args.prompts_file!r} not found") from None
+        if not prompts:
+            raise ValueError(f"prompts file {args.prompts_file!r} holds no prompts")
+    return prompts or [DEFAULT_PROMPT]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
+                            seed=args.seed)
+    prompts = read_prompts(args)
+    llm = LLM(args.model, **vars(EngineConfig.from_cli(args)))
+    start = time.perf_counter()
+    if len(prompts) == 1:
+        print(prompts[0], end="", flush=True)
+        n_tokens = 0
+        for token, piece in llm.stream(prompts[0], params):
+            n_tokens += token is not None
+            print(piece, end="", flush=True)
+        print()
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=True)
+        for prompt, out in zip(prompts, outs):
+            print(f"--- {prompt}{out.text}")
+        n_tokens = sum(len(o.token_ids) for o in outs)
+    seconds = time.perf_counter() - start
+    print(f"[{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tok/s, "
+          f"policy {llm.engine.policy_name}, {llm.engine.device}, {str(llm.engine.dtype)[6:]}]",
+          file=sys.stderr)
+    llm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,139 @@
+"""The paged KV cache: one pure-Python `BlockManager` class and one `KVPool` class, each
+instantiated once per tier (device and host).
+
+Pool layout, the same in both tiers:
+
+    [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
+
+Token t of a sequence lives in block `table[t // block_size]` at offset `t % block_size`, i.e.
+at flat slot `table[t // block_size] * block_size + t % block_size` of `pool[layer, kv]` seen as
+`[num_blocks * block_size, num_kv_heads, head_dim]`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .streams import Streams
+
+
+class BlockManager:
+    """Hands out the blocks of one tier.
+
+    Invariants (checked by `check_integrity`): every block is either free or owned by exactly
+    one sequence; a sequence's table holds exactly `ceil(num_tokens / block_size)` blocks.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, name: str = ""):
+        self.num_blocks, self.block_size, self.name = num_blocks, block_size, name
+        # Pop from the end: low block ids are handed out first, which keeps small runs readable.
+        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.tables: dict[int, list[int]] = {}
+        self.num_tokens: dict[int, int] = {}
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks)
+
+    def extra_blocks_for(self, seq_id: int, num_tokens: int) -> int:
+        """Blocks `seq_id` must gain to hold `num_tokens` tokens (0 if it already has room)."""
+        have = len(self.tables.get(seq_id, ()))
+        return max(0, self.blocks_needed(num_tokens) - have)
+
+    def can_grow(self, seq_id: int, num_tokens: int) -> bool:
+        return self.extra_blocks_for(seq_id, num_tokens) <= self.num_free
+
+    def grow(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Make room for `num_tokens` tokens in total; returns the sequence's table."""
+        extra = self.extra_blocks_for(seq_id, num_tokens)
+        if extra > self.num_free:
+            raise MemoryError(f"{self.name} KV tier: need {extra} blocks, {self.num_free} free")
+        table = self.tables.setdefault(seq_id, [])
+        for _ in range(extra):
+            table.append(self.free_blocks.pop())
+        self.num_tokens[seq_id] = max(num_tokens, self.num_tokens.get(seq_id, 0))
+        return table
+
+    def free(self, seq_id: int) -> list[int]:
+        """Release every block of `seq_id`; returns them (their contents stay until reused)."""
+        table = self.tables.pop(seq_id, [])
+        self.num_tokens.pop(seq_id, None)
+        self.free_blocks.extend(reversed(table))
+        return table
+
+    def owns(self, seq_id: int) -> bool:
+        return seq_id in self.tables
+
+    def check_integrity(self) -> None:
+        owned = [b for table in self.tables.values() for b in table]
+        every = owned + self.free_blocks
+        assert len(every) == self.num_blocks, f"{self.name}: {len(every)} blocks tracked of {self.num_blocks}"
+        assert sorted(every) == list(range(self.num_blocks)), f"{self.name}: a block is leaked or shared"
+        for seq_id, table in self.tables.items():
+            assert len(table) == self.blocks_needed(self.num_tokens[seq_id]), \
+                f"{self.name}: seq {seq_id} holds {len(table)} blocks for {self.num_tokens[seq_id]} tokens"
+
+
+class KVPool:
+    """The tensor behind one tier. Host pools are pinned when CUDA is present, so copies to and
+    from the device can be asynchronous."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str, pin: bool = False):
+        self.block_size = block_size
+        self.data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+                                dtype=dtype, device=device, pin_memory=pin)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def num_blocks(self) -> int:
+        return self.data.shape[2]
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        return self.data[layer_idx, 0], self.data[layer_idx, 1]
+
+    @staticmethod
+    def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def slots_for(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat slot ids of tokens [start, end) of a sequence with block table `table`."""
+    return [table[t // block_size] * block_size + t % block_size for t in range(start, end)]
+
+
+def copy_blocks(src: KVPool, src_blocks: list[int], dst: KVPool, dst_blocks: list[int],
+                streams: Streams) -> None:
+    """Copy whole blocks (all layers, k and v) between tiers, bit for bit.
+
+    On CUDA the transfer runs on the copy stream after the compute stream's pending work, and
+    the compute stream waits for it before its next kernel. The host side is staged through a
+    pinned buffer so the copy can be asynchronous; this call returns once the host pool holds
+    its data.
+    """
+    if not src_blocks:
+        return
+    assert len(src_blocks) == len(dst_blocks)
+    src_idx = torch.tensor(src_blocks, device=src.device)
+    dst_idx = torch.tensor(dst_blocks, device=dst.device)
+    with streams.copy_after_compute():
+        shape = (*src.data.shape[:2], len(src_blocks), *src.data.shape[3:])
+        # Host side of a host-to-device move: gather straight into pinned memory.
+        gather_pinned = src.device.type == "cpu" and streams.pin
+        moved = torch.empty(shape, dtype=src.data.dtype, device=src.device, pin_memory=gather_pinned)
+        torch.index_select(src.data, 2, src_idx, out=moved)   # [L, 2, n, block_size, KVH, D]
+        if moved.device != dst.device:
+            staged = torch.empty(shape, dtype=moved.dtype, device=dst.device,
+                                 pin_memory=dst.device.type == "cpu" and streams.pin)
+            staged.copy_(moved, non_blocking=streams.is_cuda)
+            moved = staged
+        if dst.device.type == "cpu":
+            streams.copy_stream_sync()                        # the host scatter needs the bytes
+        dst.data.index_copy_(2, dst_idx, moved)
+    streams.compute_waits_for_copy()

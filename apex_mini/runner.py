@@ -1,0 +1,213 @@
+"""Execute one planned iteration: the layer loop under each strategy.
+
+Per layer, asynchronous overlap (the merged batch) runs
+
+    pre_attention (all rows, device)  ->  rows of host-tier requests go down on the copy stream
+                                      ->  CPU worker: append their K/V, attend over the host pool
+    device attention (other rows)     ->  meanwhile, on the device
+    join: wait for the worker, copy its output up, merge  ->  post_attention (all rows, device)
+
+Asymmetric pipelining runs two such sub-batches a layer apart, so one's CPU attention overlaps
+the other's device work. GPU-only is the overlap loop with no host rows. On a machine without
+CUDA the "device" is the CPU, every stream call is a no-op, and results are identical.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import attention as dev_attn
+from .batch import Batch, build_batch, bucket, sampling_tensors
+from .cpu_attention import append_kv, paged_decode_attention as host_decode_attention
+from .kv_cache import KVPool, copy_blocks
+from .plan import Plan, Strategy
+from .sampling import sample
+from .sequence import CPU, GPU
+from .streams import Streams, wait_event
+
+
+class ModelRunner:
+    def __init__(self, model, device: torch.device, gpu_pool: KVPool, cpu_pool: KVPool,
+                 worker, streams: Streams, block_size: int, scratch_block: int,
+                 compile_cpu_attention: bool, bucket_decode: bool, graphs=None):
+        self.model, self.device = model, device
+        self.pools = {GPU: gpu_pool, CPU: cpu_pool}
+        self.worker, self.streams = worker, streams
+        self.block_size, self.scratch_block = block_size, scratch_block
+        self.compile_cpu_attention = compile_cpu_attention
+        self.bucket_decode = bucket_decode
+        self.graphs = graphs                 # CudaGraphDecoder or None
+        cfg = model.config
+        self.scale = cfg.head_dim ** -0.5
+        self.timeline: list | None = None    # set to a list to record (event, layer, t) stamps
+
+    # ------------------------------------------------------------------ entry point
+
+    @torch.inference_mode()
+    def execute(self, plan: Plan, tables) -> list[int]:
+        """Run `plan` (swaps, then the forward) and return the sampled tokens, in row order."""
+        for swap in plan.swaps:
+            copy_blocks(self.pools[swap.src_tier], swap.src_blocks,
+                        self.pools[swap.dst_tier], swap.dst_blocks, self.streams)
+        if plan.is_empty:
+            return []
+        decode_only = not plan.prefills and not plan.cpu_decodes
+        if plan.strategy is Strategy.PIPELINE and len(plan.cpu_decodes) >= 1 and (
+                plan.prefills or plan.gpu_decodes or len(plan.cpu_decodes) >= 2):
+            parts = split_for_pipeline(plan)
+            batches = [self._build(p, tables) for p in parts]
+            hidden = self._forward_pipelined(batches)
+            logits = torch.cat([self.model.logits(h[b.logits_rows]) for h, b in zip(hidden, batches)])
+        else:
+            pad = bucket(len(plan.gpu_decodes)) if decode_only and self.bucket_decode else 0
+            batch = self._build(plan, tables, pad_decode_to=pad)
+            if decode_only and self.graphs is not None:
+                logits = self.graphs.run(batch)
+            else:
+                hidden = self._forward(batch)
+                logits = self.model.logits(hidden[batch.logits_rows])
+        sampling = sampling_tensors(plan, self.device)     # rows in plan order, as the logits
+        tokens = logits.argmax(-1) if sampling is None else sample(logits, **sampling)
+        return tokens.tolist()                         # the one host sync of the step
+
+    def _build(self, plan: Plan, tables, pad_decode_to: int = 0) -> Batch:
+        return build_batch(plan, tables, self.block_size, self.device, pad_decode_to,
+                           self.scratch_block, bucket_blocks=self.bucket_decode)
+
+    # ------------------------------------------------------------------ strategies
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        """The merged batch (GPU-only or asynchronous overlap)."""
+        hidden, cos, sin = self.model.embed(batch.input_ids, batch.positions)
+        for layer in self.model.model.layers:
+            pending = self._start_layer(layer, hidden, cos, sin, batch)
+            hidden = self._finish_layer(layer, hidden, pending, batch)
+        return hidden
+
+    def _forward_pipelined(self, batches: list[Batch]) -> list[torch.Tensor]:
+        """Two sub-batches offset by one layer: while the CPU attends for one, the device runs
+        the other's linear layers. Every layer's weights are read twice per iteration."""
+        a, b = batches
+        ha, cos_a, sin_a = self.model.embed(a.input_ids, a.positions)
+        hb, cos_b, sin_b = self.model.embed(b.input_ids, b.positions)
+        layers = self.model.model.layers
+        pending_b = None
+        for i, layer in enumerate(layers):
+            pending_a = self._start_layer(layer, ha, cos_a, sin_a, a)
+            if pending_b is not None:
+                hb = self._finish_layer(layers[i - 1], hb, pending_b, b)
+            pending_b = self._start_layer(layer, hb, cos_b, sin_b, b)
+            ha = self._finish_layer(layer, ha, pending_a, a)
+        hb = self._finish_layer(layers[-1], hb, pending_b, b)
+        return [ha, hb]
+
+    # ------------------------------------------------------------------ one layer, in two halves
+
+    def _start_layer(self, layer, hidden, cos, sin, batch: Batch):
+        """QKV for all rows; send host rows to the CPU worker; device attention for the rest."""
+        q, k, v = layer.pre_attention(hidden, cos, sin)   # [T, H, D], [T, KVH, D], [T, KVH, D]
+        host_job = self._launch_host(layer.layer_idx, q, k, v, batch) if batch.num_host_rows else None
+        out = torch.empty_like(q)                         # [T, H, D]
+        self._device_attention(layer.layer_idx, q, k, v, batch, out)
+        return out, host_job
+
+    def _finish_layer(self, layer, hidden, pending, batch: Batch) -> torch.Tensor:
+        out, host_job = pending
+        if host_job is not None:
+            self._join_host(host_job, out, batch)
+        return layer.post_attention(hidden, out)
+
+    def _device_attention(self, layer_idx, q, k, v, batch: Batch, out) -> None:
+        k_cache, v_cache = self.pools[GPU].layer(layer_idx)
+        if batch.dev_rows.numel():
+            dev_attn.write_kv(k_cache, v_cache, batch.dev_slots,
+                              k.index_select(0, batch.dev_rows), v.index_select(0, batch.dev_rows))
+        for chunk in batch.prefills:
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            k_ctx, v_ctx = k[rows], v[rows]                # [n, KVH, D]
+            if chunk.ctx_start:
+                k_prior, v_prior = self._prior_kv(layer_idx, chunk)
+                k_ctx, v_ctx = torch.cat([k_prior, k_ctx]), torch.cat([v_prior, v_ctx])
+            out[rows] = dev_attn.prefill_attention(q[rows], k_ctx, v_ctx, chunk.ctx_start, self.scale)
+        g = batch.gpu_decode
+        if g is not None:
+            out[g.rows] = dev_attn.paged_decode_attention(
+                q[g.rows], k_cache, v_cache, g.block_tables, g.context_lens, self.scale)
+
+    def _prior_kv(self, layer_idx, chunk):
+        """K/V of a chunked prefill's cached prefix, brought to the device: [ctx_start, KVH, D]."""
+        k_cache, v_cache = self.pools[chunk.tier].layer(layer_idx)
+        k = dev_attn.gather_kv(k_cache, chunk.prior_slots)
+        v = dev_attn.gather_kv(v_cache, chunk.prior_slots)
+        return k.to(self.device), v.to(self.device)
+
+    # ------------------------------------------------------------------ the host side
+
+    def _launch_host(self, layer_idx, q, k, v, batch: Batch):
+        """Copy host rows down on the copy stream and hand them to the worker. Returns a future."""
+        s = self.streams
+        g = batch.cpu_decode
+        k_rows = k.index_select(0, batch.host_rows)               # [Nh, KVH, D]
+        v_rows = v.index_select(0, batch.host_rows)               # [Nh, KVH, D]
+        q_rows = q[g.rows] if g is not None else None             # [Bc, H, D]
+        ready = s.record()
+        with s.on_copy():
+            s.copy_waits_for(ready)
+            down = [_to_host(t, s) for t in (k_rows, v_rows, q_rows)]
+            arrived = s.record(s.copy)
+        self._stamp("launch", layer_idx)
+        return self.worker.submit(self._host_attention, layer_idx, arrived, *down, batch)
+
+    def _host_attention(self, layer_idx, arrived, k_rows, v_rows, q_rows, batch: Batch):
+        """On a worker thread: append K/V to the host pool, then decode attention there."""
+        wait_event(arrived)
+        self._stamp("cpu_start", layer_idx)
+        k_cache, v_cache = self.pools[CPU].layer(layer_idx)
+        append_kv(k_cache, v_cache, batch.host_slots, k_rows, v_rows)
+        out = None
+        g = batch.cpu_decode
+        if g is not None:
+            out = host_decode_attention(q_rows, k_cache, v_cache, g.block_tables, g.context_lens,
+                                        self.scale, compiled=self.compile_cpu_attention)
+            if self.streams.pin:
+                out = out.pin_memory()
+        self._stamp("cpu_end", layer_idx)
+        return out
+
+    def _join_host(self, job, out, batch: Batch) -> None:
+        """Wait for the worker only now, just before the O projection, and merge its rows."""
+        host_out = job.result()
+        self._stamp("join", 0)
+        g = batch.cpu_decode
+        if host_out is None:
+            return
+        s = self.streams
+        with s.on_copy():
+            up = host_out.to(self.device, non_blocking=s.is_cuda)
+            arrived = s.record(s.copy)
+        s.compute_waits_for(arrived)
+        out[g.rows] = up
+
+    def _stamp(self, what: str, layer_idx: int) -> None:
+        if self.timeline is not None:
+            self.timeline.append((what, layer_idx, time.perf_counter()))
+
+
+def _to_host(t: torch.Tensor | None, s: Streams) -> torch.Tensor | None:
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=s.pin)
+    host.copy_(t, non_blocking=True)
+    t.record_stream(s.copy)                # t was made on the compute stream, read on the copy one
+    return host
+
+
+def split_for_pipeline(plan: Plan) -> list[Plan]:
+    """Two sub-batches, NEO-style: (prefills, device decodes, a share of host decodes) and the
+    rest of the host decodes, balanced by host decode count."""
+    half = len(plan.cpu_decodes) // 2
+    a = Plan(prefills=plan.prefills, gpu_decodes=plan.gpu_decodes, cpu_decodes=plan.cpu_decodes[:half],
+             strategy=plan.strategy)
+    b = Plan(cpu_decodes=plan.cpu_decodes[half:], strategy=plan.strategy)
+    return [a, b]

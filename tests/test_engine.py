@@ -1,0 +1,135 @@
+"""The engine end to end: identical greedy tokens across policies, tier placements, swaps,
+preemption and chunked prefill, on tiny checkpoints in fp32."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apex_mini import LLM, SamplingParams
+from apex_mini.engine import Engine
+from apex_mini.plan import Strategy
+from apex_mini.policies import StaticPolicy
+from apex_mini.sequence import CPU, GPU
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def prompts(vocab: int, lengths=(5, 17, 33, 2, 48, 9)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run(path, prompt_ids, params=GREEDY, **options):
+    llm = LLM(path, device="cpu", dtype="float32", **options)
+    try:
+        outs = llm.generate(prompt_ids, params)
+        llm.engine.scheduler.check_integrity()
+        return [o.token_ids for o in outs], llm.engine
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def reference(gqa_llama3_ckpt):
+    tokens, _ = run(gqa_llama3_ckpt, prompts(384), policy="gpu-only")
+    return tokens
+
+
+@pytest.mark.parametrize("options", [
+    dict(policy="static", cpu_fraction=0.5),
+    dict(policy="static", cpu_fraction=1.0),
+    dict(policy="gpu-only", max_num_batched_tokens=16),                  # chunked prefill
+    dict(policy="static", cpu_fraction=1.0, max_num_batched_tokens=16),  # chunked, host tier
+    dict(policy="gpu-only", bucket_decode=False),
+], ids=["static-0.5", "static-1.0", "chunked", "chunked-host", "no-buckets"])
+def test_same_tokens_as_gpu_only(gqa_llama3_ckpt, reference, options):
+    tokens, engine = run(gqa_llama3_ckpt, prompts(384), **options)
+    assert tokens == reference
+    strategies = {r.plan.strategy for r in engine.records}
+    if options.get("cpu_fraction"):
+        assert Strategy.OVERLAP in strategies
+        assert any(r.plan.cpu_decodes for r in engine.records)
+
+
+def test_static_fraction_places_requests(gqa_llama3_ckpt):
+    _, engine = run(gqa_llama3_ckpt, prompts(384)[:4], policy="static", cpu_fraction=0.5)
+    tiers = [len(r.plan.cpu_decodes) for r in engine.records if r.plan.cpu_decodes or r.plan.gpu_decodes]
+    assert max(tiers) == 2                     # half of four requests decode on the CPU
+
+
+class SwapBackPolicy(StaticPolicy):
+    """Static placement, but host requests come back to the device when there is room."""
+
+    def wants_swap_in(self, seq, sched):
+        return True
+
+
+def test_swaps_mid_generation_keep_tokens(gqa_llama3_ckpt, reference):
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="static", cpu_fraction=0.0,
+              gpu_kv_blocks=6, max_num_seqs=3)
+    engine = llm.engine
+    engine.policy = engine.scheduler.policy = SwapBackPolicy(0.0)
+    # Different lengths, so requests finish at different times and room frees mid-run.
+    lengths = (24, 10, 24, 6, 24, 12)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lengths]
+    outs = llm.generate(prompts(384), params)
+    llm.close()
+    assert [o.token_ids for o in outs] == [ref[:m] for ref, m in zip(reference, lengths)]
+    swaps = [s for r in engine.records for s in r.plan.swaps]
+    assert any(s.dst_tier == CPU for s in swaps) and any(s.dst_tier == GPU for s in swaps)
+    assert any(o.num_swaps for o in outs)
+    engine.scheduler.check_integrity()
+
+
+def test_preemption_recomputes_without_loss(gqa_llama3_ckpt, reference):
+    tokens, engine = run(gqa_llama3_ckpt, prompts(384), policy="gpu-only", gpu_kv_blocks=10)
+    assert tokens == reference
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_every_request_finishes_when_tiers_are_tiny(gqa_llama3_ckpt, reference):
+    tokens, engine = run(gqa_llama3_ckpt, prompts(384), policy="static", cpu_fraction=0.5,
+                         gpu_kv_blocks=8, cpu_kv_blocks=8)
+    assert tokens == reference
+    assert engine.scheduler.num_preemptions + engine.scheduler.num_swaps > 0
+
+
+def test_seeded_sampling_is_independent_of_the_batch(mha_ckpt):
+    params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=16, seed=123,
+                            ignore_eos=True)
+    alone, _ = run(mha_ckpt, prompts(384)[:1], params)
+    mixed, _ = run(mha_ckpt, prompts(384), [params] + [SamplingParams(temperature=1.0, seed=i, max_tokens=8)
+                                                      for i in range(5)])
+    assert alone[0] == mixed[0]
+    other, _ = run(mha_ckpt, prompts(384)[:1], SamplingParams(temperature=0.9, top_p=0.9, top_k=50,
+                                                              max_tokens=16, seed=124, ignore_eos=True))
+    assert other[0] != alone[0]
+
+
+def test_eos_stops_and_max_tokens_limits(mha_ckpt):
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32")
+    out = llm.generate([[1, 5, 6]], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True))[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    eos = llm.engine.scheduler.eos_ids[0]
+    out = llm.generate([[1, 5, 6]], SamplingParams(temperature=0.0, max_tokens=7,
+                                                   stop_token_ids=(out.token_ids[2],)))[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) <= 3
+    assert eos == 2
+    llm.close()
+
+
+def test_bad_inputs_raise_value_error(mha_ckpt):
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([""])
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]])
+    with pytest.raises(ValueError, match="context"):
+        llm.generate([[5] * 300])
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm.generate([[5, 100000]])
+    with pytest.raises(ValueError, match="SamplingParams"):
+        llm.generate([[5], [6]], [GREEDY])
+    with pytest.raises(ValueError, match="unknown engine option"):
+        LLM(mha_ckpt, device="cpu", no_such_option=1)
+    llm.close()
