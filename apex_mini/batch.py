@@ -1,7 +1,18 @@
-"""Turn a Plan into the tensors of one flat, unpadded forward pass.
+"""Turn a Plan into the tensors of one forward pass.
 
-Row order: prefill chunks, then device-tier decodes, then host-tier decodes. Everything the
-forward needs is an explicit field here; nothing is stashed in module globals.
+Two builders:
+
+- `build_batch`: the general flat, unpadded batch (prefill chunks, device decodes, host
+  decodes), for the runner's layer loop. Row order: prefill chunks, then device-tier decodes,
+  then host-tier decodes. Everything the forward needs is an explicit field; nothing is
+  stashed in module globals.
+- `build_decode_inputs`: a decode-only, device-only step for the static decode step
+  (decode_step.py), padded to bucketed shapes.
+
+Both keep per-step Python and host->device traffic small: every integer the device needs is
+written into ONE int64 tensor, which crosses to the device in ONE copy and is then cut into
+views. (Eight small `torch.tensor(...).to(device)` calls cost eight allocations and, on CUDA,
+eight transfers, each a few microseconds of fixed cost.)
 """
 from __future__ import annotations
 
@@ -13,11 +24,22 @@ from .kv_cache import slots_for
 from .plan import Plan
 from .sequence import CPU, GPU, Sequence
 
+Rows = slice | torch.Tensor      # rows of the flat batch: a slice when they are contiguous
+
 
 def bucket(n: int) -> int:
     """Smallest power of two >= n: decode shapes come from a short list, so static buffers and
     captured graphs can be reused."""
     return 1 << max(0, n - 1).bit_length()
+
+
+def take_rows(t: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """t[rows]: a free view for a slice, one gather for an index tensor."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def num_rows(rows: Rows) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.shape[0]
 
 
 @dataclass
@@ -43,36 +65,70 @@ class Batch:
     prefills: list[PrefillChunk]
     gpu_decode: DecodeGroup | None
     cpu_decode: DecodeGroup | None
-    dev_rows: torch.Tensor       # [Nd] rows whose KV goes to the device tier
+    dev_rows: Rows               # [Nd] rows whose KV goes to the device tier
     dev_slots: torch.Tensor      # [Nd] their slots there
-    host_rows: torch.Tensor      # [Nh] rows whose KV goes to the host tier (device tensor)
+    host_rows: Rows              # [Nh] rows whose KV goes to the host tier (device tensor)
     host_slots: torch.Tensor     # [Nh] their slots there (host tensor)
-    logits_rows: torch.Tensor    # [N] rows that produce a next token
+    logits_rows: Rows            # [N] rows that produce a next token
     num_real_rows: int = 0       # rows before bucket padding
     meta: dict = field(default_factory=dict)
 
     @property
     def num_host_rows(self) -> int:
-        return self.host_rows.shape[0]
+        return num_rows(self.host_rows)
+
+    @property
+    def num_dev_rows(self) -> int:
+        return num_rows(self.dev_rows)
 
 
-def _decode_group(seqs: list[Sequence], first_row: int, tables: dict[int, list[int]],
-                  device, pad_to: int = 0, pad_block: int = 0, bucket_blocks: bool = False):
-    width = max(len(tables[s.seq_id]) for s in seqs)
-    width = bucket(width) if bucket_blocks else width
-    rows = [tables[s.seq_id] + [pad_block] * (width - len(tables[s.seq_id])) for s in seqs]
-    lens = [s.num_computed + 1 for s in seqs]
-    rows += [[pad_block] * width] * (pad_to - len(seqs))
-    lens += [1] * (pad_to - len(seqs))
-    return DecodeGroup(slice(first_row, first_row + max(len(seqs), pad_to)),
-                       _to(rows, device), _to(lens, device))
+class _Packer:
+    """Collects the int lists bound for one device. `add` returns a handle; after `pack()` (one
+    tensor, one transfer) `packer[handle]` is that list's view. Slices pass through."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.parts: list[list[int]] = []
+        self.tensors: list[torch.Tensor] = []
+
+    def add(self, values: list[int]) -> int:
+        self.parts.append(values)
+        return len(self.parts) - 1
+
+    def rows(self, rows: list[int]) -> slice | int:
+        """A slice when `rows` (increasing) is one contiguous range, else an index list. Without
+        host-tier prefills, device rows are one range and host rows another."""
+        if not rows:
+            return slice(0, 0)
+        if rows[-1] - rows[0] == len(rows) - 1:
+            return slice(rows[0], rows[-1] + 1)
+        return self.add(rows)
+
+    def pack(self) -> None:
+        flat = [v for part in self.parts for v in part]
+        self.tensors = torch.split(_to(flat, self.device), [len(p) for p in self.parts])
+
+    def __getitem__(self, handle: slice | int) -> Rows:
+        return handle if isinstance(handle, slice) else self.tensors[handle]
 
 
-def _to(values, device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.long)
-    if t.device != torch.device(device):
-        t = t.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else t.to(device)
-    return t
+def _to(values: list[int], device) -> torch.Tensor:
+    """Host int64 tensor, staged through pinned memory and copied asynchronously to CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+
+
+def _table_rows(seqs: list[Sequence], tables: dict[int, list[int]], width: int,
+                pad_block: int) -> list[int]:
+    """Block tables of `seqs`, each padded to `width` with `pad_block`, flattened row-major."""
+    flat: list[int] = []
+    for s in seqs:
+        table = tables[s.seq_id]
+        flat += table
+        flat += [pad_block] * (width - len(table))
+    return flat
 
 
 def build_batch(plan: Plan, tables: dict[str, dict[int, list[int]]], block_size: int,
@@ -81,7 +137,8 @@ def build_batch(plan: Plan, tables: dict[str, dict[int, list[int]]], block_size:
     """`tables[tier][seq_id]` are the block tables. `pad_decode_to` pads a decode-only, device-only
     batch with dummy rows that read and write only block `pad_block`."""
     ids, pos, dev_rows, dev_slots, host_rows, host_slots, logits_rows = [], [], [], [], [], [], []
-    prefills = []
+    on = {GPU: _Packer(device), CPU: _Packer("cpu")}       # ints bound for each tier's device
+    prefills, priors, groups = [], [], {}
     row = 0
     for seq, n in plan.prefills:
         start, end = seq.num_computed, seq.num_computed + n
@@ -91,33 +148,34 @@ def build_batch(plan: Plan, tables: dict[str, dict[int, list[int]]], block_size:
         rows, slots = (dev_rows, dev_slots) if seq.tier == GPU else (host_rows, host_slots)
         rows += range(row, row + n)
         slots += slots_for(table, start, end, block_size)
-        prior = None
         if start > 0:
-            prior_device = device if seq.tier == GPU else "cpu"
-            prior = _to(slots_for(table, 0, start, block_size), prior_device)
-        prefills.append(PrefillChunk(row, n, start, seq.tier, prior))
+            priors.append((len(prefills), on[seq.tier].add(slots_for(table, 0, start, block_size))))
+        prefills.append(PrefillChunk(row, n, start, seq.tier, None))
         row += n
         if end == seq.num_tokens:
             logits_rows.append(row - 1)
 
-    groups = {}
     for tier, seqs, rows, slots in ((GPU, plan.gpu_decodes, dev_rows, dev_slots),
                                     (CPU, plan.cpu_decodes, host_rows, host_slots)):
         if not seqs:
-            groups[tier] = None
             continue
         for s in seqs:
             ids.append(s.token_ids[-1])
             pos.append(s.num_computed)
             slots += slots_for(tables[tier][s.seq_id], s.num_computed, s.num_computed + 1, block_size)
-        rows += range(row, row + len(seqs))
-        logits_rows += range(row, row + len(seqs))
-        pad = pad_decode_to if tier == GPU else 0
-        tier_device = device if tier == GPU else "cpu"
+        n = len(seqs)
+        rows += range(row, row + n)
+        logits_rows += range(row, row + n)
+        pad = max(0, pad_decode_to - n) if tier == GPU else 0
         tier_pad_block = pad_block if tier == GPU else 0      # any valid block; masked anyway
-        groups[tier] = _decode_group(seqs, row, tables[tier], tier_device, pad, tier_pad_block,
-                                     bucket_blocks)
-        row += len(seqs)
+        width = max(len(tables[tier][s.seq_id]) for s in seqs)
+        width = bucket(width) if bucket_blocks else width
+        flat_tables = _table_rows(seqs, tables[tier], width, tier_pad_block)
+        flat_tables += [tier_pad_block] * (width * pad)
+        lens = [s.num_computed + 1 for s in seqs] + [1] * pad
+        groups[tier] = (slice(row, row + n + pad), width, on[tier].add(flat_tables),
+                        on[tier].add(lens))
+        row += n
 
     num_real = row
     n_pad = max(0, pad_decode_to - len(plan.gpu_decodes)) if pad_decode_to else 0
@@ -126,14 +184,76 @@ def build_batch(plan: Plan, tables: dict[str, dict[int, list[int]]], block_size:
         pos += [0] * n_pad
         dev_rows += range(row, row + n_pad)
         dev_slots += [pad_block * block_size] * n_pad
-    return Batch(
-        input_ids=_to(ids, device), positions=_to(pos, device), prefills=prefills,
-        gpu_decode=groups[GPU], cpu_decode=groups[CPU],
-        dev_rows=_to(dev_rows, device), dev_slots=_to(dev_slots, device),
-        host_rows=_to(host_rows, device), host_slots=_to(host_slots, "cpu"),
-        logits_rows=_to(logits_rows, device),
-        num_real_rows=num_real,
-    )
+
+    dev, host = on[GPU], on[CPU]
+    handles = (dev.add(ids), dev.add(pos), dev.rows(dev_rows), dev.add(dev_slots),
+               dev.rows(host_rows), dev.rows(logits_rows), host.add(host_slots))
+    dev.pack()
+    host.pack()
+    for i, handle in priors:
+        prefills[i].prior_slots = on[prefills[i].tier][handle]
+    decode = {GPU: None, CPU: None}
+    for tier, (rows, width, table_h, lens_h) in groups.items():
+        decode[tier] = DecodeGroup(rows, on[tier][table_h].view(-1, width), on[tier][lens_h])
+    ids_t, pos_t, dev_rows_t, dev_slots_t, host_rows_t, logits_t = (dev[h] for h in handles[:6])
+    return Batch(input_ids=ids_t, positions=pos_t, prefills=prefills,
+                 gpu_decode=decode[GPU], cpu_decode=decode[CPU],
+                 dev_rows=dev_rows_t, dev_slots=dev_slots_t, host_rows=host_rows_t,
+                 host_slots=host[handles[6]], logits_rows=logits_t, num_real_rows=num_real)
+
+
+# ------------------------------------------------------------------ the decode-only fast path
+
+@dataclass
+class DecodeInputs:
+    """One decode-only, device-only step, padded to `batch_size` rows and `width` block-table
+    columns (both powers of two when bucketing). All its integers live in one int64 tensor:
+
+        packed = [input_ids | positions | slots | context_lens | block_tables (row-major)]
+                   B           B           B       B              B * width
+
+    Padded rows feed token 0 at position 0, write their KV into the scratch block and attend
+    only to it; their logits are never sampled."""
+
+    packed: torch.Tensor         # [B * (4 + width)] on the host (pinned when CUDA is present)
+    num_seqs: int                # real rows; rows past them are padding
+    batch_size: int              # B
+    width: int                   # blocks per block-table row
+    kv_tokens: int = 0           # context tokens the real rows attend over (for GB/s figures)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        """The static shape: one captured CUDA graph per key."""
+        return self.batch_size, self.width
+
+    @staticmethod
+    def views(packed: torch.Tensor, batch_size: int, width: int):
+        """(input_ids [B], positions [B], slots [B], context_lens [B], block_tables [B, width])
+        as views of `packed`, wherever it lives."""
+        B = batch_size
+        ids, positions, slots, context_lens = packed[:4 * B].view(4, B)
+        return ids, positions, slots, context_lens, packed[4 * B:].view(B, width)
+
+
+def build_decode_inputs(seqs: list[Sequence], tables: dict[int, list[int]], block_size: int,
+                        pad_block: int, bucketed: bool, pin: bool) -> DecodeInputs:
+    """Pack the device tier's decodes `seqs`; pad rows and block-table width to powers of two
+    when `bucketed`."""
+    n = len(seqs)
+    B = bucket(n) if bucketed else n
+    width = max(len(tables[s.seq_id]) for s in seqs)
+    width = bucket(width) if bucketed else width
+    pad = B - n
+    pos = [s.num_computed for s in seqs]                 # the new token's position
+    flat = [s.token_ids[-1] for s in seqs] + [0] * pad
+    flat += pos + [0] * pad
+    flat += [tables[s.seq_id][p // block_size] * block_size + p % block_size
+             for s, p in zip(seqs, pos)] + [pad_block * block_size] * pad
+    flat += [p + 1 for p in pos] + [1] * pad
+    flat += _table_rows(seqs, tables, width, pad_block)
+    flat += [pad_block] * (width * pad)
+    packed = torch.tensor(flat, dtype=torch.long, pin_memory=pin)
+    return DecodeInputs(packed, n, B, width, kv_tokens=sum(pos) + n)
 
 
 def sampling_tensors(plan: Plan, device) -> dict[str, torch.Tensor] | None:

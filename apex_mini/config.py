@@ -205,7 +205,7 @@ class EngineConfig:
             if f.name in skip:
                 continue
             flag = "--" + f.name.replace("_", "-")
-            help_text = f"{f.metadata['help']} (default: {f.default})"
+            help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
             if f.type in ("bool", bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                    help=help_text)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import EngineConfig
+from .cost_tables import BatchShape
 from .cpu_attention import CPUAttentionWorker, compile_enabled
 from .kv_cache import BlockManager, KVPool
 from .plan import Plan
@@ -31,6 +32,7 @@ CPU_DEVICE_KV_BYTES = 1 << 30            # device-tier KV budget when the "devic
 class IterationRecord:
     plan: Plan
     measured_s: float
+    shape: BatchShape | None = None    # the plan as it was scheduled (its requests move on)
 
 
 class Engine:
@@ -55,14 +57,7 @@ class Engine:
         self.scheduler = Scheduler(self.policy, self.gpu_blocks, self.cpu_blocks, cfg.max_num_seqs,
                                    cfg.max_num_batched_tokens, self.max_model_len, tuple(eos))
         self.worker = CPUAttentionWorker(cfg.cpu_threads)
-        graphs = None
-        if self.device.type == "cuda" and cfg.cuda_graphs:
-            from .cuda_graphs import CudaGraphDecoder
-            graphs = CudaGraphDecoder(self)
-        self.runner = ModelRunner(model, self.device, self.gpu_pool, self.cpu_pool, self.worker,
-                                  self.streams, cfg.block_size, self.scratch_block,
-                                  cfg.compile_cpu_attention and compile_enabled(), cfg.bucket_decode,
-                                  graphs)
+        self.runner = self.make_runner(self.gpu_pool, self.scratch_block, self.worker)
         self.records: list[IterationRecord] = []
         self._ids = itertools.count()
 
@@ -90,6 +85,19 @@ class Engine:
         self.gpu_blocks = BlockManager(gpu_blocks, cfg.block_size, GPU)
         self.cpu_blocks = BlockManager(cpu_blocks, cfg.block_size, CPU)
 
+    def make_runner(self, gpu_pool: KVPool, scratch_block: int, worker) -> ModelRunner:
+        """A runner with this engine's model, host pool and options over `gpu_pool` (the
+        profiler times real iterations on a pool of its own)."""
+        cfg = self.cfg
+        runner = ModelRunner(self.model, self.device, gpu_pool, self.cpu_pool, worker,
+                             self.streams, cfg.block_size, scratch_block,
+                             cfg.compile_cpu_attention and compile_enabled(), cfg.bucket_decode,
+                             compile_decode=cfg.compile_decode)
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            from .cuda_graphs import CudaGraphDecoder
+            runner.graphs = CudaGraphDecoder(runner.decode_step)
+        return runner
+
     def _device_kv_bytes(self) -> int:
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if self.device.type != "cuda":
@@ -116,11 +124,12 @@ class Engine:
     def step(self) -> tuple[Plan, list[Sequence]]:
         """One iteration. Returns the plan it ran and the requests that finished."""
         plan = self.scheduler.schedule()
+        shape = BatchShape.from_plan(plan)
         start = time.perf_counter()
         tokens = self.runner.execute(plan, self.block_tables())
         measured = time.perf_counter() - start
         if not plan.is_empty:
-            self.records.append(IterationRecord(plan, measured))
+            self.records.append(IterationRecord(plan, measured, shape))
         if plan.is_empty and not plan.swaps and self.has_work():
             raise RuntimeError("the scheduler made no progress; this is a bug")
         return plan, self.scheduler.finish(plan, tokens)

@@ -120,9 +120,10 @@ def copy_blocks(src: KVPool, src_blocks: list[int], dst: KVPool, dst_blocks: lis
     if not src_blocks:
         return
     assert len(src_blocks) == len(dst_blocks)
-    src_idx = torch.tensor(src_blocks, device=src.device)
-    dst_idx = torch.tensor(dst_blocks, device=dst.device)
     with streams.copy_after_compute():
+        # Made on the copy stream, so the allocator cannot reuse them before it is done.
+        src_idx = torch.tensor(src_blocks, device=src.device)
+        dst_idx = torch.tensor(dst_blocks, device=dst.device)
         shape = (*src.data.shape[:2], len(src_blocks), *src.data.shape[3:])
         # Host side of a host-to-device move: gather straight into pinned memory.
         gather_pinned = src.device.type == "cpu" and streams.pin

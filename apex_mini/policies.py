@@ -4,6 +4,9 @@ to the device, and which execution strategy an iteration uses.
 A policy answers four questions for the `Scheduler`; it never touches tensors:
 
     uses_host                      may requests live in the host tier at all?
+    offload(seq, sched)            may this request's KV go to the host tier now (when it is
+                                   admitted, or evicted from a full device)? Else it waits,
+                                   or is preempted
     place(seq, sched) -> tier      where a newly admitted request's KV goes (None: wait)
     wants_swap_in(seq, sched)      should this host-resident request move to the device?
     choose(plan, sched)            pick plan.strategy; may drop host decodes from this iteration
@@ -20,6 +23,9 @@ class GpuOnlyPolicy:
 
     name = "gpu-only"
     uses_host = False
+
+    def offload(self, seq: Sequence, sched) -> bool:
+        return False
 
     def place(self, seq: Sequence, sched) -> str | None:
         return GPU if sched.fits(seq, GPU) else None
@@ -41,6 +47,9 @@ class StaticPolicy:
 
     def __init__(self, cpu_fraction: float):
         self.cpu_fraction = cpu_fraction
+
+    def offload(self, seq: Sequence, sched) -> bool:
+        return True
 
     def place(self, seq: Sequence, sched) -> str | None:
         n_host = len(sched.tier_seqs(CPU))

@@ -10,16 +10,22 @@ Per layer, asynchronous overlap (the merged batch) runs
 Asymmetric pipelining runs two such sub-batches a layer apart, so one's CPU attention overlaps
 the other's device work. GPU-only is the overlap loop with no host rows. On a machine without
 CUDA the "device" is the CPU, every stream call is a no-op, and results are identical.
+
+Decode-only, device-only steps (no prefill, no host rows) skip the layer loop: they run the
+static-shape `DecodeStep` (decode_step.py), eagerly, compiled, or replayed as a CUDA graph
+(cuda_graphs.py). The host-attention overlap above never enters a graph.
 """
 from __future__ import annotations
 
+import collections
 import time
 
 import torch
 
 from . import attention as dev_attn
-from .batch import Batch, build_batch, bucket, sampling_tensors
+from .batch import (Batch, build_batch, build_decode_inputs, bucket, sampling_tensors, take_rows)
 from .cpu_attention import append_kv, paged_decode_attention as host_decode_attention
+from .decode_step import DecodeStep
 from .kv_cache import KVPool, copy_blocks
 from .plan import Plan, Strategy
 from .sampling import sample
@@ -30,14 +36,21 @@ from .streams import Streams, wait_event
 class ModelRunner:
     def __init__(self, model, device: torch.device, gpu_pool: KVPool, cpu_pool: KVPool,
                  worker, streams: Streams, block_size: int, scratch_block: int,
-                 compile_cpu_attention: bool, bucket_decode: bool, graphs=None):
+                 compile_cpu_attention: bool, bucket_decode: bool, graphs=None,
+                 compile_decode: bool = False):
         self.model, self.device = model, device
         self.pools = {GPU: gpu_pool, CPU: cpu_pool}
         self.worker, self.streams = worker, streams
         self.block_size, self.scratch_block = block_size, scratch_block
         self.compile_cpu_attention = compile_cpu_attention
         self.bucket_decode = bucket_decode
-        self.graphs = graphs                 # CudaGraphDecoder or None
+        # Decode-only, device-only steps run this instead of the layer loop; None turns the
+        # fast path off (every step then takes the layer loop, as a reference).
+        self.decode_step: DecodeStep | None = DecodeStep(model, gpu_pool, block_size,
+                                                         scratch_block, compile=compile_decode)
+        self.graphs = graphs                 # CudaGraphDecoder (replays decode_step) or None
+        # (rows, block-table width) -> fast-path steps run with that static shape
+        self.decode_shapes: collections.Counter[tuple[int, int]] = collections.Counter()
         cfg = model.config
         self.scale = cfg.head_dim ** -0.5
         self.timeline: list | None = None    # set to a list to record (event, layer, t) stamps
@@ -53,23 +66,32 @@ class ModelRunner:
         if plan.is_empty:
             return []
         decode_only = not plan.prefills and not plan.cpu_decodes
-        if plan.strategy is Strategy.PIPELINE and len(plan.cpu_decodes) >= 1 and (
+        if decode_only and self.decode_step is not None:
+            logits = self._decode(plan, tables)
+        elif plan.strategy is Strategy.PIPELINE and len(plan.cpu_decodes) >= 1 and (
                 plan.prefills or plan.gpu_decodes or len(plan.cpu_decodes) >= 2):
             parts = split_for_pipeline(plan)
             batches = [self._build(p, tables) for p in parts]
             hidden = self._forward_pipelined(batches)
-            logits = torch.cat([self.model.logits(h[b.logits_rows]) for h, b in zip(hidden, batches)])
+            logits = torch.cat([self.model.logits(take_rows(h, b.logits_rows))
+                                for h, b in zip(hidden, batches)])
         else:
             pad = bucket(len(plan.gpu_decodes)) if decode_only and self.bucket_decode else 0
             batch = self._build(plan, tables, pad_decode_to=pad)
-            if decode_only and self.graphs is not None:
-                logits = self.graphs.run(batch)
-            else:
-                hidden = self._forward(batch)
-                logits = self.model.logits(hidden[batch.logits_rows])
+            hidden = self._forward(batch)
+            logits = self.model.logits(take_rows(hidden, batch.logits_rows))
         sampling = sampling_tensors(plan, self.device)     # rows in plan order, as the logits
         tokens = logits.argmax(-1) if sampling is None else sample(logits, **sampling)
         return tokens.tolist()                         # the one host sync of the step
+
+    def _decode(self, plan: Plan, tables) -> torch.Tensor:
+        """The fast path: logits [num_seqs, vocab] of a decode-only, device-only step."""
+        inputs = build_decode_inputs(plan.gpu_decodes, tables[GPU], self.block_size,
+                                     self.scratch_block, self.bucket_decode, self.streams.pin)
+        self.decode_shapes[inputs.key] += 1
+        if self.graphs is not None:
+            return self.graphs.run(inputs)
+        return self.decode_step(inputs)
 
     def _build(self, plan: Plan, tables, pad_decode_to: int = 0) -> Batch:
         return build_batch(plan, tables, self.block_size, self.device, pad_decode_to,
@@ -115,14 +137,14 @@ class ModelRunner:
     def _finish_layer(self, layer, hidden, pending, batch: Batch) -> torch.Tensor:
         out, host_job = pending
         if host_job is not None:
-            self._join_host(host_job, out, batch)
+            self._join_host(layer.layer_idx, host_job, out, batch)
         return layer.post_attention(hidden, out)
 
     def _device_attention(self, layer_idx, q, k, v, batch: Batch, out) -> None:
         k_cache, v_cache = self.pools[GPU].layer(layer_idx)
-        if batch.dev_rows.numel():
+        if batch.num_dev_rows:
             dev_attn.write_kv(k_cache, v_cache, batch.dev_slots,
-                              k.index_select(0, batch.dev_rows), v.index_select(0, batch.dev_rows))
+                              take_rows(k, batch.dev_rows), take_rows(v, batch.dev_rows))
         for chunk in batch.prefills:
             rows = slice(chunk.start, chunk.start + chunk.length)
             k_ctx, v_ctx = k[rows], v[rows]                # [n, KVH, D]
@@ -148,8 +170,8 @@ class ModelRunner:
         """Copy host rows down on the copy stream and hand them to the worker. Returns a future."""
         s = self.streams
         g = batch.cpu_decode
-        k_rows = k.index_select(0, batch.host_rows)               # [Nh, KVH, D]
-        v_rows = v.index_select(0, batch.host_rows)               # [Nh, KVH, D]
+        k_rows = take_rows(k, batch.host_rows)                    # [Nh, KVH, D]
+        v_rows = take_rows(v, batch.host_rows)                    # [Nh, KVH, D]
         q_rows = q[g.rows] if g is not None else None             # [Bc, H, D]
         ready = s.record()
         with s.on_copy():
@@ -175,10 +197,10 @@ class ModelRunner:
         self._stamp("cpu_end", layer_idx)
         return out
 
-    def _join_host(self, job, out, batch: Batch) -> None:
+    def _join_host(self, layer_idx, job, out, batch: Batch) -> None:
         """Wait for the worker only now, just before the O projection, and merge its rows."""
+        self._stamp("join", layer_idx)              # the main thread arrives; then it waits
         host_out = job.result()
-        self._stamp("join", 0)
         g = batch.cpu_decode
         if host_out is None:
             return

@@ -5,7 +5,7 @@ appear here. Each `schedule()`:
 
 1. keeps running decodes going, growing their KV by one token. When the device tier would
    overflow, the newest device-resident request moves to the host tier (swap out) if the
-   policy uses it, else it is preempted. When the device has room, host-resident requests
+   policy offloads it, else it is preempted. When the device has room, host-resident requests
    come back (swap in). Never both in one iteration.
 2. continues chunked prefills, then admits waiting requests first come first served, each
    placed by the policy, within the token budget.
@@ -87,7 +87,8 @@ class Scheduler:
         """Free room in `tier`: move its newest request to the host tier, or preempt it."""
         victim = self.tier_seqs(tier)[-1]
         host = self.blocks[CPU]
-        if tier == GPU and self.policy.uses_host and host.can_grow(victim.seq_id, victim.num_tokens):
+        if (tier == GPU and self.policy.uses_host and host.can_grow(victim.seq_id, victim.num_tokens)
+                and self.policy.offload(victim, self)):
             self._move(victim, CPU, plan)
         else:
             self._preempt(victim, plan)

@@ -1,0 +1,255 @@
+"""`python -m apex_mini.bench decode`: decode tokens/s and achieved memory bandwidth against the
+roofline, beside transformers' `generate` on the same weights.
+
+    python -m apex_mini.bench decode                  # the shipped model: CPU, and CUDA if present
+    python -m apex_mini.bench decode --model-shape llama2-7b --device cuda --dtype float16
+    python -m apex_mini.bench decode --batches 1,16 --no-hf --no-cuda-graphs --json out.json
+
+How it measures, identically for both sides: B requests of `--prompt-len` random tokens each
+generate n tokens greedily (end-of-sequence ignored). One run with n = 1 (prefill only) and one
+with n = `--new-tokens` N; decode time = t(N) - t(1), which holds N - 1 decode steps, and
+decode tokens/s = B * (N - 1) / decode time. Ours runs through `Engine.step()` (scheduler,
+runner, sampling: everything a server pays per step); theirs through `generate(do_sample=False,
+min_new_tokens=n, max_new_tokens=n)`. Each figure is the median of `--repeats` runs after one
+untimed warm-up run (which also captures CUDA graphs and compiles, when those are on). Both
+sides share one process, one weight tensor set and one `torch.set_num_threads`.
+
+Achieved GB/s = bytes a decode step must read (every weight once, only B rows of an untied
+embedding table, plus the K/V of every request's context) summed over the steps, / decode time.
+Roofline = this device's measured copy bandwidth: bytes moved (read + written) per second by
+`dst.copy_(src)` on a buffer far larger than the caches, median of several runs. On a CPU a small
+model's weights can sit in the last-level cache, so its achieved GB/s may pass the roofline.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cli import run_cli
+from .config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+from .engine import Engine
+from .metrics import machine_info
+from .sampling import SamplingParams
+from .weights import MODEL_SHAPES, load_model, random_model, resolve_device, resolve_dtype
+
+BIG_SHAPES = ("llama2-7b", "llama2-13b", "llama3.1-8b")    # transformers on CPU: only if asked
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m apex_mini.bench decode",
+                                description="Decode tok/s and GB/s vs the roofline and transformers.")
+    p.add_argument("--model", default=None, help="model folder in Hugging Face layout (default: "
+                   "the shipped tiny model)")
+    p.add_argument("--model-shape", choices=MODEL_SHAPES, default=None,
+                   help="random weights of a named shape instead of a checkpoint")
+    p.add_argument("--batches", default="1,8,16,32,64", help="decode batch sizes, comma-separated")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (N)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads for both sides (default: torch's own choice)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--hf", action="store_true", help="run transformers even for 7B+ shapes on CPU")
+    p.add_argument("--json", default=None, help="write {'rows': [...], ...} to this path")
+    p.add_argument("--quick", action="store_true", help="batches 1,8, 16 new tokens, 1 repeat")
+    EngineConfig.add_cli_flags(p, skip=("policy",))
+    return p
+
+
+# ------------------------------------------------------------------------------ the two sides
+
+def load(args, device: torch.device, cfg: EngineConfig):
+    """(our model, a name for it)."""
+    if args.model and args.model_shape:
+        raise ValueError("give --model or --model-shape, not both")
+    if args.model_shape:
+        mc = MODEL_SHAPES[args.model_shape]
+        dtype = resolve_dtype(cfg.dtype, mc, device)
+        return random_model(args.model_shape, dtype, device, seed=cfg.seed), args.model_shape
+    path = args.model or DEFAULT_MODEL_DIR
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model folder {path!r} not found; pass --model DIR or "
+                                "--model-shape tiny")
+    dtype = resolve_dtype(cfg.dtype, ModelConfig.from_hf(path), device)
+    return load_model(path, dtype, device), Path(path).name
+
+
+def hf_twin(model):
+    """transformers' LlamaForCausalLM around the SAME weight tensors (no copy)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    fields = {f.name: getattr(model.config, f.name) for f in dataclasses.fields(model.config)}
+    fields.pop("torch_dtype")
+    config = LlamaConfig(**fields)
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(config)
+    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
+    device = next(model.parameters()).device
+    hf.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)    # buffers, not in the state dict
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def prompts(batch: int, length: int, vocab: int, device="cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(3, vocab, (batch, length), generator=g).to(device)   # [B, P]
+
+
+def run_ours(engine: Engine, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    start = time.perf_counter()
+    seqs = [engine.add_request(row, params) for row in ids.tolist()]
+    while engine.has_work():
+        engine.step()                                # ends in a host sync: the sampled tokens
+    return time.perf_counter() - start, [s.output_ids for s in seqs]
+
+
+@torch.inference_mode()
+def run_hf(hf, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
+    sync(ids.device)
+    start = time.perf_counter()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                      max_new_tokens=n, min_new_tokens=n)
+    sync(ids.device)
+    return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
+
+
+def decode_seconds(run, ids, n: int, repeats: int) -> tuple[float, list[list[int]]]:
+    """Median of t(n) - t(1) over `repeats`, after one untimed warm-up run of n tokens."""
+    _, tokens = run(ids, n)
+    diffs = [run(ids, n)[0] - run(ids, 1)[0] for _ in range(repeats)]
+    return max(statistics.median(diffs), 1e-9), tokens
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------ bandwidth
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, runs: int = 7) -> float:
+    """Bytes moved (read + written) per second by one large device copy, in GB/s (1e9)."""
+    if device.type == "cpu":
+        nbytes = 256 << 20                           # >> any last-level cache, < RAM
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(runs + 1):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times[1:]) / 1e9
+
+
+def decode_bytes(model, batch: int, prompt_len: int, new_tokens: int) -> int:
+    """Bytes the N - 1 decode steps must read at the least (see the module docstring)."""
+    params = {id(p): p for p in model.parameters()}.values()        # a tied weight once
+    weights = sum(p.numel() * p.element_size() for p in params)
+    embed = model.model.embed_tokens.weight
+    if embed is not model.lm_head.weight:                           # a lookup reads B rows
+        weights -= (embed.shape[0] - batch) * embed.shape[1] * embed.element_size()
+    steps = new_tokens - 1
+    # Step i (1-based) attends over prompt_len + i tokens per request.
+    kv_tokens = batch * (steps * prompt_len + steps * (steps + 1) // 2)
+    return weights * steps + kv_tokens * model.config.kv_bytes_per_token(embed.element_size())
+
+
+# ------------------------------------------------------------------------------ main
+
+def bench_device(args, device: torch.device, batches: list[int]) -> list[dict]:
+    cfg = EngineConfig.from_cli(args)
+    cfg.device, cfg.policy = device.type, "gpu-only"
+    model, name = load(args, device, cfg)
+    P, N = args.prompt_len, args.new_tokens
+    if cfg.gpu_kv_blocks is None:                    # just enough KV: leave memory to transformers
+        cfg.gpu_kv_blocks = max(batches) * -(-(P + N) // cfg.block_size) + 1
+    engine = Engine(model, cfg)
+    want_hf = not args.no_hf and (device.type == "cuda" or args.hf or args.model_shape not in BIG_SHAPES)
+    hf = hf_twin(model) if want_hf else None
+    roofline = copy_bandwidth_gbps(device)
+    vocab = model.config.vocab_size
+    rows = []
+    try:
+        for B in batches:
+            ids = prompts(B, P, vocab)
+            ours_s, ours_tokens = decode_seconds(lambda x, n: run_ours(engine, x, n), ids, N, args.repeats)
+            gbps = decode_bytes(model, B, P, N) / ours_s / 1e9
+            row = dict(device=device.type, model=name, batch=B, tok_s=B * (N - 1) / ours_s,
+                       gbps=gbps, roofline_gbps=roofline, roofline_frac=gbps / roofline,
+                       hf_tok_s=None, ratio=None, same_tokens=None)
+            if hf is not None:
+                hf_s, hf_tokens = decode_seconds(lambda x, n: run_hf(hf, x, n), ids.to(device),
+                                                 N, args.repeats)
+                row.update(hf_tok_s=B * (N - 1) / hf_s, ratio=hf_s / ours_s,
+                           same_tokens=_agreement(ours_tokens, hf_tokens))
+            print(format_row(row), flush=True)
+            rows.append(row)
+    finally:
+        engine.close()
+    return rows
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of generated tokens equal between the two sides (1.0: identical greedy output)."""
+    same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    return same / max(1, sum(len(r) for r in a))
+
+
+HEADER = (f"{'device':6s} {'model':18s} {'batch':>5s} {'tok/s':>9s} {'GB/s':>8s} {'roofline GB/s':>13s} "
+          f"{'of roofline':>11s} {'HF tok/s':>9s} {'ours/HF':>8s} {'same tokens':>11s}")
+
+
+def format_row(r: dict) -> str:
+    hf = (f"{r['hf_tok_s']:9.1f} {r['ratio']:7.2f}x {r['same_tokens']:11.0%}" if r["hf_tok_s"]
+          else f"{'-':>9s} {'-':>8s} {'-':>11s}")
+    return (f"{r['device']:6s} {r['model'][:18]:18s} {r['batch']:5d} {r['tok_s']:9.1f} "
+            f"{r['gbps']:8.2f} {r['roofline_gbps']:13.2f} {r['roofline_frac']:11.0%} {hf}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.batches, args.new_tokens, args.repeats = "1,8", min(args.new_tokens, 16), 1
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    if not batches or min(batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2:
+        raise ValueError("--batches need sizes >= 1, --prompt-len >= 1 and --new-tokens >= 2")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    # Here --device auto means every device: the CPU, and CUDA when present.
+    devices = [args.device] if args.device != "auto" else (
+        ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    command = "python -m apex_mini.bench decode " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# {command}\n# {datetime.datetime.now().isoformat(timespec='seconds')}, "
+          f"{machine_info()}, torch threads {torch.get_num_threads()}, prompt {args.prompt_len} "
+          f"tokens, {args.new_tokens} new tokens, median of {args.repeats}\n"
+          f"# decode tok/s = batch * (N - 1) / (t(N) - t(1)); GB/s = 1e9 bytes/s; roofline = "
+          f"measured copy bandwidth (read + write)")
+    print(HEADER)
+    rows = []
+    for name in devices:
+        rows += bench_device(args, resolve_device(name), batches)
+    if args.json:
+        report = {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "machine": machine_info(torch.device("cuda") if "cuda" in devices else None),
+                  "torch_threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
+                  "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,165 @@
+"""`python -m apex_mini.bench serve`: one serving workload through every policy, measured.
+
+    python -m apex_mini.bench serve                                   # the shipped model, chat
+    python -m apex_mini.bench serve --workload long-input --num-requests 16 --length-scale 0.1
+    python -m apex_mini.bench serve --model-shape llama2-7b --gpu-memory-gb 16 --json out.json
+
+The model is built once; each policy gets its own engine (and KV pools) around it, freed before
+the next. Requests are released by wall-clock arrival time between `Engine.step()` calls, and
+TTFT counts from the intended arrival, so time a request waits for the running step is included.
+Prompts are random token ids and outputs ignore end-of-sequence, so every policy computes exactly
+the same number of tokens. The metrics are the simulator's (metrics.py).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import metrics, workloads
+from .cli import run_cli
+from .config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+from .engine import Engine
+from .sampling import SamplingParams
+from .weights import MODEL_SHAPES, load_model, random_model, resolve_device, resolve_dtype
+
+WARMUP_REQUESTS = 2     # tiny requests run before timing, so compilation is not measured
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m apex_mini.bench serve",
+                                description="Run one serving workload through every policy.")
+    p.add_argument("--model", default=None, help="model folder in Hugging Face layout (default: "
+                   "the shipped tiny model)")
+    p.add_argument("--model-shape", choices=MODEL_SHAPES, default=None,
+                   help="random weights of a named shape instead of a checkpoint")
+    p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads for torch "
+                   "(default: torch's own choice); 1 avoids thread contention on a busy machine")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up requests")
+    workloads.add_cli_flags(p, default_requests=32)
+    metrics.add_cli_flags(p)
+    EngineConfig.add_cli_flags(p, skip=("policy",))
+    return p
+
+
+def build_model(args, cfg: EngineConfig):
+    """(model, its ModelConfig, a description for the report)."""
+    if args.model and args.model_shape:
+        raise ValueError("give --model or --model-shape, not both")
+    device = resolve_device(cfg.device)
+    if args.model_shape:
+        mc = MODEL_SHAPES[args.model_shape]
+        dtype = resolve_dtype(cfg.dtype, mc, device)
+        model = random_model(args.model_shape, dtype, device, seed=cfg.seed)
+        name = f"{args.model_shape} (random weights)"
+    else:
+        path = args.model or DEFAULT_MODEL_DIR
+        if not args.model and not Path(path).is_dir():
+            raise FileNotFoundError(f"the default model {path!r} is missing; pass --model DIR or "
+                                    "--model-shape tiny")
+        mc = ModelConfig.from_hf(path)
+        dtype = resolve_dtype(cfg.dtype, mc, device)
+        model = load_model(path, dtype, device)
+        name = Path(path).name
+    info = {"name": name, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+            "parameters": sum(p.numel() for p in model.parameters())}
+    return model, mc, info
+
+
+def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
+    """Release requests at their arrival times, step until all finish; returns the metrics row."""
+    sched = engine.scheduler
+    n_records, preempt0, swaps0 = len(engine.records), sched.num_preemptions, sched.num_swaps
+    pending = collections.deque(zip(specs, prompts))
+    seqs = []
+    bar = tqdm(total=len(specs), desc=engine.policy_name, unit="req", disable=not progress)
+    start = time.perf_counter()
+    while pending or engine.has_work():
+        now = time.perf_counter()
+        while pending and start + pending[0][0].arrival_s <= now:
+            spec, ids = pending.popleft()
+            params = SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True)
+            seq = engine.add_request(ids, params)
+            seq.arrival_time = start + spec.arrival_s       # TTFT from the intended arrival
+            seqs.append(seq)
+        if not engine.has_work():
+            time.sleep(max(0.0, start + pending[0][0].arrival_s - time.perf_counter()))
+            continue
+        _, finished = engine.step()
+        bar.update(len(finished))
+    bar.close()
+    tally = metrics.IterationTally()
+    for record in engine.records[n_records:]:
+        tally.add(record.plan)
+    row = metrics.summarize(seqs, start, tally, sched.num_preemptions - preempt0,
+                            sched.num_swaps - swaps0)
+    if engine.predictor is not None:
+        row["predictor_error"] = engine.predictor.error_report(engine.records[n_records:])
+    return row
+
+
+def warm_up(engine: Engine, vocab_size: int) -> None:
+    """A few tiny requests through every path this policy uses (compilation, first launches)."""
+    specs = [workloads.RequestSpec(0.0, 8 + 3 * i, 4) for i in range(WARMUP_REQUESTS)]
+    run_policy(engine, specs, workloads.prompt_token_ids(specs, vocab_size, seed=99), False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    try:
+        return serve(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def serve(args, argv) -> int:
+    policies = metrics.parse_policies(args.policies)
+    cfg = EngineConfig.from_cli(args)
+    specs = workloads.make_workload(args.workload, args.num_requests, args.rate, args.length_scale,
+                                    cfg.seed, args.trace)
+    model, mc, model_info = build_model(args, cfg)
+    workloads.check_fits(specs, min(cfg.max_model_len or mc.max_position_embeddings,
+                                    mc.max_position_embeddings))
+    prompts = workloads.prompt_token_ids(specs, mc.vocab_size, cfg.seed)
+    rows, predictor = {}, None
+    for name in policies:
+        engine = Engine(model, dataclasses.replace(cfg, policy=name), predictor=predictor)
+        predictor = predictor or engine.predictor           # profile once, share it
+        try:
+            if not args.no_warmup:
+                warm_up(engine, mc.vocab_size)
+            rows[name] = run_policy(engine, specs, prompts, not args.no_progress)
+            rows[name]["kv_blocks"] = {"gpu": engine.gpu_blocks.num_blocks,
+                                       "cpu": engine.cpu_blocks.num_blocks}
+        finally:
+            engine.close()
+            del engine
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    workload = {"name": args.workload, "rate": args.rate, "length_scale": args.length_scale,
+                **workloads.describe(specs)}
+    hardware = {**metrics.machine_info(next(model.parameters()).device),
+                "torch_threads": torch.get_num_threads()}
+    rep = metrics.report(rows, workload, model_info, hardware, "apex_mini.bench serve", argv,
+                         simulated=False)
+    print(metrics.markdown(rep))
+    metrics.write_outputs(rep, args.json, args.markdown)
+    if args.plot:
+        from .bench_plot import save_plot
+        save_plot(rep, args.plot, f"measured: {model_info['name']}, {args.workload} workload")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,106 @@
+"""The data the profiler measures and the predictor reads: plain tables, saved as JSON.
+
+A `Profile` holds per-layer times (seconds) measured at a few points; the predictor
+interpolates between them. The same class holds tables computed from an analytic hardware
+model (the simulator), so the scheduler cannot tell measured from simulated costs.
+
+Tables (x values ascending; times are per decoder layer unless said otherwise):
+
+    linear            [tokens]                 -> QKV + O + MLP for a batch of that many tokens
+    prefill_attn      [prompt tokens]          -> causal attention of one prompt chunk
+    gpu_decode_attn   [n_seqs, total KV tokens] -> device decode attention (a 2-D grid)
+    cpu_decode_attn   [n_seqs, total KV tokens] -> host decode attention (a 2-D grid)
+    d2h, h2d          [bytes]                  -> one copy between device and host
+    lm_head           [rows]                   -> final norm + LM head + sampling (whole model)
+    overhead          scalar                   -> fixed per-iteration cost (scheduling, launch)
+    decode_iteration  [n_seqs, total KV tokens] -> a whole decode-only, device-only iteration
+                                                  (the runner's static decode step; measured
+                                                  only, empty in analytic profiles)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .plan import Plan
+
+PROFILE_VERSION = 2
+
+
+@dataclass
+class Profile:
+    key: dict                          # model shape, dtype, device name, host CPU, threads
+    num_layers: int
+    linear: list[list[float]] = field(default_factory=list)           # [[tokens, s], ...]
+    prefill_attn: list[list[float]] = field(default_factory=list)     # [[tokens, s], ...]
+    gpu_decode_attn: list[list[float]] = field(default_factory=list)  # [[n_seqs, kv_tokens, s], ...]
+    cpu_decode_attn: list[list[float]] = field(default_factory=list)  # [[n_seqs, kv_tokens, s], ...]
+    d2h: list[list[float]] = field(default_factory=list)              # [[bytes, s], ...]
+    h2d: list[list[float]] = field(default_factory=list)              # [[bytes, s], ...]
+    lm_head: list[list[float]] = field(default_factory=list)          # [[rows, s], ...]
+    overhead: float = 0.0
+    bytes_per_token_row: int = 0       # q + k + v (down) or attention output (up) bytes of one row
+    version: int = PROFILE_VERSION
+    source: str = "measured"           # "measured" or "analytic:<hardware>"
+    # Optional; 0 means "not measured" and the predictor leaves that cost out.
+    kv_block_bytes: int = 0            # one KV block, all layers, k and v: what a swap copies
+    host_job_s: float = 0.0            # per layer: hand host rows to the CPU worker and join
+    overlap_slowdown: float = 0.0      # CPU "device" only: share of host work NOT hidden (0..1)
+    decode_iteration: list[list[float]] = field(default_factory=list)  # [[n_seqs, kv_tokens, s], ...]
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Profile":
+        data = json.loads(Path(path).read_text())
+        if data.get("version") != PROFILE_VERSION:
+            raise ValueError(f"profile {str(path)!r} has version {data.get('version')}, expected "
+                             f"{PROFILE_VERSION}; profile again")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What the predictor needs to know about one candidate iteration."""
+
+    prefill_tokens: tuple[int, ...] = ()      # tokens fed per prefill chunk
+    prefill_context: tuple[int, ...] = ()     # context length (cached + fed) per chunk
+    n_gpu_decodes: int = 0
+    gpu_decode_kv: int = 0                    # total KV tokens of device-resident decodes
+    n_cpu_decodes: int = 0
+    cpu_decode_kv: int = 0                    # total KV tokens of host-resident decodes
+    n_host_prefill_tokens: int = 0            # prefill rows whose KV goes to the host tier
+    # Optional (0 = unknown): decode kernels read every row up to the longest context, and
+    # swaps copy whole blocks.
+    gpu_decode_max_kv: int = 0                # longest device-resident decode context
+    cpu_decode_max_kv: int = 0                # longest host-resident decode context
+    swap_out_blocks: int = 0                  # device -> host blocks copied before the forward
+    swap_in_blocks: int = 0                   # host -> device blocks
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.prefill_tokens) + self.n_gpu_decodes + self.n_cpu_decodes
+
+    @property
+    def num_outputs(self) -> int:
+        """Rows that produce a token (assumes every prefill chunk completes its prompt)."""
+        return len(self.prefill_tokens) + self.n_gpu_decodes + self.n_cpu_decodes
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> "BatchShape":
+        return cls(
+            prefill_tokens=tuple(n for _, n in plan.prefills),
+            prefill_context=tuple(s.num_computed + n for s, n in plan.prefills),
+            n_gpu_decodes=len(plan.gpu_decodes),
+            gpu_decode_kv=sum(s.num_computed + 1 for s in plan.gpu_decodes),
+            n_cpu_decodes=len(plan.cpu_decodes),
+            cpu_decode_kv=sum(s.num_computed + 1 for s in plan.cpu_decodes),
+            n_host_prefill_tokens=sum(n for s, n in plan.prefills if s.tier == "cpu"),
+            gpu_decode_max_kv=max((s.num_computed + 1 for s in plan.gpu_decodes), default=0),
+            cpu_decode_max_kv=max((s.num_computed + 1 for s in plan.cpu_decodes), default=0),
+            swap_out_blocks=sum(len(w.src_blocks) for w in plan.swaps if w.dst_tier == "cpu"),
+            swap_in_blocks=sum(len(w.src_blocks) for w in plan.swaps if w.dst_tier == "gpu"),
+        )

@@ -1,0 +1,289 @@
+"""Paged decode attention over the host KV pool, and the worker threads that run it.
+
+Host-resident requests keep their KV in the CPU pool; every decode step reads all of it once
+and does little arithmetic per byte, so this kernel is bound by memory bandwidth and its figure
+of merit is KV bytes read per second (`python -m apex_mini.bench kernels`).
+
+Layout (one layer): k_cache, v_cache are [num_blocks, block_size, num_kv_heads, head_dim];
+token t of a sequence lives at (block_table[t // block_size], t % block_size). GQA follows
+Hugging Face's repeat_kv: query head h reads kv head h // (num_heads // num_kv_heads).
+
+Two formulations of the same math (fp32 accumulation, output in q's dtype):
+- eager: gather each sequence's blocks into a contiguous copy, then two matmuls. Plain, but the
+  gather writes (and re-reads) a copy of the KV, so it moves ~3x the bytes it must.
+- fused: broadcast-multiply-and-sum, compiled by Inductor, which turns `k_cache[blocks]` into
+  indirect loads inside its reduction loops: each KV byte is read once, nothing is copied.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+# Blocks per partial sum in the fused value reduction. Summing a superblock's tokens first
+# keeps its V (8 blocks) in cache while every query head of a KV group reuses it; the partial
+# sums cost 1/16 of the V bytes.
+SUPERBLOCK = 8
+
+
+def compile_enabled() -> bool:
+    """False when APEX_MINI_EAGER_CPU_ATTENTION=1 (tests use it to skip compile time)."""
+    return os.environ.get("APEX_MINI_EAGER_CPU_ATTENTION", "0") != "1"
+
+
+def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write k, v [num_tokens, num_kv_heads, head_dim] to flat slots block * block_size + offset."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    slots = slot_mapping.to(torch.long)                                # [num_tokens]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def _used_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int,
+                 multiple: int = 1) -> torch.Tensor:
+    """The block-table columns the longest sequence needs, padded with block 0 to `multiple`.
+
+    Work scales with num_seqs * max_len, so trailing unused columns are dropped first. The
+    tables live on the host, so reading the max length costs no device sync.
+    """
+    max_len = int(context_lens.max())
+    cols = -(-max_len // block_size)
+    if block_tables.shape[1] < cols:
+        raise ValueError(f"block tables have {block_tables.shape[1]} columns but a context of "
+                         f"{max_len} tokens needs {cols} blocks of {block_size}")
+    cols = -(-cols // multiple) * multiple
+    table = block_tables[:, :cols].to(torch.long)                     # [num_seqs, <= cols]
+    if table.shape[1] < cols:                                          # padding is masked out
+        table = torch.nn.functional.pad(table, (0, cols - table.shape[1]))
+    return table
+
+
+# ------------------------------------------------------------------------------------ eager
+
+def paged_decode_attention_eager(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+    """q [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]. context_lens >= 1."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if num_seqs == 0:
+        return torch.empty_like(q)
+    group = num_heads // num_kv_heads
+    blocks = _used_blocks(block_tables, context_lens, block_size)      # [num_seqs, max_blocks]
+    max_len = blocks.shape[1] * block_size
+    k = k_cache[blocks].view(num_seqs, max_len, num_kv_heads, head_dim)  # a gathered copy
+    v = v_cache[blocks].view(num_seqs, max_len, num_kv_heads, head_dim)
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float() * scale
+    valid = torch.arange(max_len) < context_lens[:, None]              # [num_seqs, max_len]
+    scores = torch.einsum("sgrd,stgd->sgrt", qg, k.float())           # [num_seqs, kv_heads, group, max_len]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    # Zero the padding rather than trust probs == 0: a slot never written may hold NaN.
+    v = v.float().masked_fill_(~valid[:, :, None, None], 0.0)          # [num_seqs, max_len, kv_heads, head_dim]
+    out = torch.einsum("sgrt,stgd->sgrd", probs, v)                    # [num_seqs, kv_heads, group, head_dim]
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------ fused
+
+def _fused_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  blocks: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Compiled body. q is fp32 and pre-scaled; blocks is [num_seqs, num_super, SUPERBLOCK].
+
+    Written only with broadcasts, reductions and indexing so Inductor emits a few fused loop
+    nests. Run eagerly it would materialise [num_seqs, max_len, num_heads, head_dim] products.
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    num_super = blocks.shape[1]
+    super_len = SUPERBLOCK * block_size
+    max_len = num_super * super_len
+
+    # Scores: for each token row of K (all kv heads, contiguous in the pool), the `group`
+    # query heads of each kv head take their dot products while the row is in L1.
+    k = k_cache[blocks].view(num_seqs, max_len, num_kv_heads, 1, head_dim)   # indirect loads
+    qg = q.view(num_seqs, 1, num_kv_heads, group, head_dim)
+    scores = (qg * k.float()).sum(-1)                                 # [num_seqs, max_len, kv_heads, group]
+    valid = (torch.arange(max_len) < context_lens[:, None]).view(num_seqs, max_len, 1, 1)
+    probs = scores.masked_fill(~valid, float("-inf")).softmax(dim=1)  # [num_seqs, max_len, kv_heads, group]
+
+    # Values: sum within each superblock, then across them (see SUPERBLOCK).
+    v = v_cache[blocks].view(num_seqs, num_super, super_len, num_kv_heads, 1, head_dim)
+    probs = probs.view(num_seqs, num_super, super_len, num_kv_heads, group, 1)
+    valid = valid.view(num_seqs, num_super, super_len, 1, 1, 1)
+    # where, not probs * v: 0 * NaN from a never-written slot would poison the sum.
+    weighted = torch.where(valid, probs * v.float(), 0.0)
+    partial = weighted.sum(2)                                         # [num_seqs, num_super, kv_heads, group, head_dim]
+    return partial.sum(1).view(num_seqs, num_heads, head_dim)         # [num_seqs, num_heads, head_dim]
+
+
+class _Compiled:
+    """The compiled kernel, built on first use. One per process; safe to call from any thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._fn = None
+        self.failed = False
+
+    def get(self):
+        # Each (dtype, head layout) and the size-1 batch get their own graph; tests and
+        # benchmarks sweep several, so allow more than Dynamo's default of 8 before it gives up
+        # and runs _fused_decode eagerly (which would be slow and huge). Dynamo's config is
+        # per thread, and every worker thread calls this, so each one raises its own limit.
+        dyn = torch._dynamo.config
+        if dyn.recompile_limit < 64:
+            dyn.recompile_limit = 64
+        with self._lock:
+            if self._fn is None:
+                self._fn = torch.compile(_fused_decode)
+            return self._fn
+
+
+_COMPILED = _Compiled()
+
+
+def paged_decode_attention_fused(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                 scale: float) -> torch.Tensor:
+    """The compiled path; raises if compilation fails (paged_decode_attention falls back)."""
+    num_seqs, num_heads, head_dim = q.shape
+    if num_seqs == 0:
+        return torch.empty_like(q)
+    blocks = _used_blocks(block_tables, context_lens, k_cache.shape[1], SUPERBLOCK)
+    blocks = blocks.view(num_seqs, -1, SUPERBLOCK)                    # [num_seqs, num_super, SUPERBLOCK]
+    qs = q.float() * scale                                            # scale folded here: no float guard
+    lens = context_lens.to(torch.long)
+    # Batch size and length vary every step, pool sizes between engines: mark them dynamic so
+    # they share one graph.
+    for t, dims in ((qs, (0,)), (blocks, (0, 1)), (lens, (0,)), (k_cache, (0,)), (v_cache, (0,))):
+        for d in dims:
+            torch._dynamo.maybe_mark_dynamic(t, d)
+    out = _COMPILED.get()(qs, k_cache, v_cache, blocks, lens)         # [num_seqs, num_heads, head_dim]
+    return out.to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           compiled: bool = True) -> torch.Tensor:
+    """Decode attention on the host pool: the fused kernel, or eager when `compiled` is False or
+    compilation ever failed (warned once). See paged_decode_attention_eager for shapes."""
+    if compiled and compile_enabled() and not _COMPILED.failed:
+        try:
+            return paged_decode_attention_fused(q, k_cache, v_cache, block_tables, context_lens,
+                                                scale)
+        except Exception as e:  # no C++ compiler, unsupported platform, ... or bad input
+            out = paged_decode_attention_eager(q, k_cache, v_cache, block_tables, context_lens,
+                                               scale)   # bad input raises here, as it should
+            _COMPILED.failed = True                     # eager worked: compiling is the problem
+            first_line = (str(e).splitlines() or [""])[0]
+            warnings.warn(f"CPU attention: torch.compile failed ({type(e).__name__}: "
+                          f"{first_line}); using eager from now on", RuntimeWarning, stacklevel=2)
+            return out
+    return paged_decode_attention_eager(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+# ------------------------------------------------------------------------------------ worker
+
+def split_by_tokens(context_lens: torch.Tensor, parts: int) -> list[tuple[int, int]]:
+    """Cut the sequences into <= `parts` contiguous [start, end) runs of about equal KV tokens."""
+    lens = context_lens.tolist()
+    total, acc, bounds = sum(lens), 0, [0]
+    for i, n in enumerate(lens):
+        acc += n
+        if len(bounds) < parts and acc * parts >= total * len(bounds) and i + 1 < len(lens):
+            bounds.append(i + 1)
+    bounds.append(len(lens))
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+class DecodeHandle:
+    """Future-like handle over the parts of one split decode; result() returns the whole output."""
+
+    def __init__(self, futures: list[Future], out: torch.Tensor):
+        self._futures, self._out = futures, out
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        """Wait for every part; the first part that raised re-raises here."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for f in self._futures:
+            f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self._out
+
+
+class CPUAttentionWorker:
+    """A small pool of threads running host attention while the main thread launches GPU work.
+
+    Invariants: submit() returns at once; a task's exception is re-raised by its handle's
+    result() in the caller, and the worker stays usable afterwards; tasks run under
+    torch.inference_mode(); on a pool of several threads, tasks may run concurrently and in any
+    order (wait for an append_kv's handle before attending over what it wrote); close() lets
+    queued tasks finish and joins every thread.
+
+    Torch ops inside a task use `intra_op_threads` OpenMP threads each (default: this process's
+    torch threads divided among the workers), so N workers do not oversubscribe the cores.
+    """
+
+    _count = 0  # instances made, to give each one's threads a distinct name
+
+    def __init__(self, num_threads: int = 1, intra_op_threads: int | None = None):
+        if num_threads < 1:
+            raise ValueError(f"num_threads={num_threads} must be at least 1")
+        CPUAttentionWorker._count += 1
+        self.num_threads = num_threads
+        self.intra_op_threads = intra_op_threads or max(1, torch.get_num_threads() // num_threads)
+        self.thread_name_prefix = f"apex-cpu-attn-{CPUAttentionWorker._count}"
+        self._pool = ThreadPoolExecutor(num_threads, self.thread_name_prefix, self._init_thread)
+
+    def _init_thread(self) -> None:
+        # Per calling thread under OpenMP; only called when it changes something, because it
+        # also becomes the default for threads started later.
+        if torch.get_num_threads() != self.intra_op_threads:
+            torch.set_num_threads(self.intra_op_threads)
+
+    @staticmethod
+    def _call(fn, args, kwargs):
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        """Run fn(*args, **kwargs) on a worker thread; .result(timeout) returns or re-raises."""
+        return self._pool.submit(self._call, fn, args, kwargs)
+
+    def decode_async(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     compiled: bool = True) -> DecodeHandle:
+        """paged_decode_attention split by request over the threads, balanced by KV tokens."""
+        out = torch.empty_like(q)                                      # [num_seqs, num_heads, head_dim]
+
+        def part(a: int, b: int) -> None:
+            out[a:b] = paged_decode_attention(q[a:b], k_cache, v_cache, block_tables[a:b],
+                                              context_lens[a:b], scale, compiled)
+        futures = [self.submit(part, a, b)
+                   for a, b in split_by_tokens(context_lens, self.num_threads)]
+        return DecodeHandle(futures, out)
+
+    def run_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                   compiled: bool = True) -> torch.Tensor:
+        """decode_async(...).result(): [num_seqs, num_heads, head_dim] in q's dtype."""
+        return self.decode_async(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                 compiled).result()
+
+    def close(self) -> None:
+        """Finish queued tasks and join the threads. Idempotent."""
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "CPUAttentionWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,122 @@
+"""The decode step: one new token for every request of a decode-only, device-only batch, as one
+function of static-shape tensors.
+
+Decode is memory-bound: a step reads every weight once plus the KV of every running request,
+and does little arithmetic with them. What else it costs is fixed work per operation: Python,
+the dispatcher and, on a GPU, one kernel launch per op. The runner's general layer loop pays
+that work for features a pure decode step does not need (prefill chunks, host rows, index
+gathers to route rows). So decode-only, device-only steps (the common case in serving) run
+this leaner function instead:
+
+- Inputs are five int64 views of one packed tensor (`batch.DecodeInputs`): one host->device
+  copy per step, however many requests.
+- Everything shared by the layers is computed once per step, not once per layer: RoPE's
+  cos/sin, the attention mask, the flattened block tables.
+- Weights are fetched once, at construction, into plain tuples: no nn.Module call and no
+  attribute lookups per layer.
+- Attention is one `scaled_dot_product_attention` call over the gathered context, with the G
+  query heads of each KV head laid out as G query positions, so grouped-query attention needs
+  no repeated K/V and no `enable_gqa` path.
+- No Python branches on data: for a given (batch, width) shape the same ops run in the same
+  order. That is what lets `torch.compile` trace it once and CUDA graphs replay it.
+
+The numerics follow model.py (RMSNorm in fp32, the same RoPE), so greedy tokens equal the
+layer loop's; only the attention's summation order differs (SDPA instead of einsum).
+
+Vocabulary: B = rows (padded to a bucket), W = block-table width, ctx = W * block_size,
+H = query heads, KVH = key/value heads, G = H // KVH, D = head_dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .batch import DecodeInputs
+from .kv_cache import KVPool
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.RMSNorm without the module call: the same ops in the same order, same bits."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class DecodeStep:
+    """`forward(input_ids, positions, slots, context_lens, block_tables) -> logits [B, vocab]`
+    (fp32), appending each row's K/V to the device pool at `slots` on the way.
+
+    Invariant: every tensor it touches (weights, the pool) was allocated before construction
+    and is never reallocated, so a CUDA graph captured around `forward` stays valid."""
+
+    def __init__(self, model, pool: KVPool, block_size: int, scratch_block: int,
+                 compile: bool = False):
+        cfg = model.config
+        self.device = pool.device
+        self.block_size, self.scratch_block = block_size, scratch_block
+        self.H, self.KVH, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.eps, self.scale = cfg.rms_norm_eps, cfg.head_dim ** -0.5
+        self.rotary = model.model.rotary_emb
+        self.embed = model.model.embed_tokens.weight
+        self.final_norm = model.model.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            k_cache, v_cache = pool.layer(layer.layer_idx)    # [num_blocks, block_size, KVH, D]
+            self.layers.append((
+                layer.input_layernorm.weight,
+                (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
+                (a.v_proj.weight, a.v_proj.bias), (a.o_proj.weight, a.o_proj.bias),
+                layer.post_attention_layernorm.weight,
+                (m.gate_proj.weight, m.gate_proj.bias), (m.up_proj.weight, m.up_proj.bias),
+                (m.down_proj.weight, m.down_proj.bias),
+                k_cache, v_cache))
+        self.compiled = compile
+        # Default torch.compile settings: the first shape compiles static, a second shape
+        # recompiles once with dynamic sizes. Nothing global is changed.
+        self.run = torch.compile(self.forward) if compile else self.forward
+
+    # ------------------------------------------------------------------ the step
+
+    def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
+        """Eager entry: copy the packed ints over, run, return logits of the real rows."""
+        packed = inputs.packed.to(self.device, non_blocking=True)
+        logits = self.run(*DecodeInputs.views(packed, inputs.batch_size, inputs.width))
+        return logits[:inputs.num_seqs]                     # [num_seqs, vocab]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                context_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        B, W = block_tables.shape
+        H, KVH, D = self.H, self.KVH, self.D
+        ctx = W * self.block_size
+        hidden = F.embedding(input_ids, self.embed)                        # [B, hidden]
+        cos, sin = self.rotary(positions, hidden.dtype)                    # [B, D]
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]: one roll instead of
+        # chunk + neg + cat per tensor, and bit-identical (a sign flip is exact).
+        half = D // 2
+        cos = cos[:, None, :]                                              # [B, 1, D]
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]   # [B, 1, D]
+        visible = torch.arange(ctx, device=positions.device) < context_lens[:, None]   # [B, ctx]
+        visible = visible[:, None, None, :]                                # [B, 1, 1, ctx]
+        blocks = block_tables.flatten()                                    # [B * W]
+        for (ln1, q_proj, k_proj, v_proj, o_proj, ln2, gate, up, down,
+             k_cache, v_cache) in self.layers:
+            x = rms_norm(hidden, ln1, self.eps)                            # [B, hidden]
+            q = F.linear(x, *q_proj).view(B, H, D)                         # [B, H, D]
+            k = F.linear(x, *k_proj).view(B, KVH, D)                       # [B, KVH, D]
+            v = F.linear(x, *v_proj).view(B, KVH, D)                       # [B, KVH, D]
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            # Append this step's K/V, then gather each row's whole context (this row included).
+            k_cache.view(-1, KVH, D).index_copy_(0, slots, k)
+            v_cache.view(-1, KVH, D).index_copy_(0, slots, v)
+            k_ctx = k_cache.index_select(0, blocks).view(B, ctx, KVH, D).transpose(1, 2)  # [B, KVH, ctx, D]
+            v_ctx = v_cache.index_select(0, blocks).view(B, ctx, KVH, D).transpose(1, 2)  # [B, KVH, ctx, D]
+            # The G query heads that share a KV head act as G query positions of one head.
+            out = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), k_ctx, v_ctx,
+                                                 attn_mask=visible, scale=self.scale)   # [B, KVH, G, D]
+            hidden = hidden + F.linear(out.reshape(B, H * D), *o_proj)     # [B, hidden]
+            x = rms_norm(hidden, ln2, self.eps)
+            hidden = hidden + F.linear(F.silu(F.linear(x, *gate)) * F.linear(x, *up), *down)
+        hidden = rms_norm(hidden, self.final_norm, self.eps)
+        return F.linear(hidden, self.lm_head).float()                       # [B, vocab]

@@ -1,0 +1,217 @@
+"""`python -m apex_mini.profile`: measure this machine's cost tables, and check the predictor.
+
+    python -m apex_mini.profile                                   # the shipped model
+    python -m apex_mini.profile --model-shape llama2-7b --device cuda --dtype float16
+    python -m apex_mini.profile --quick --report --json report.json
+
+The profile is saved where the engine looks for it (a cache keyed by model shape, dtype and
+hardware; see profiler.py) and to --out. --report then runs a short mixed workload four times
+(policy apex, GPU-only, and overlap and pipelining forced, so every strategy has iterations)
+and compares each iteration's predicted time with the measured one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+from .cli import run_cli
+from .config import DEFAULT_MODEL_DIR, EngineConfig
+
+REPORT_RUNS = ("apex", "gpu-only", "overlap", "pipeline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .weights import MODEL_SHAPES
+    p = argparse.ArgumentParser(prog="python -m apex_mini.profile",
+                                description="Time the pieces of an iteration on this machine and "
+                                            "save the table the predictor reads.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None,
+                     help="model folder in Hugging Face layout (default: the shipped tiny model)")
+    src.add_argument("--model-shape", default=None,
+                     help=f"profile random weights of a named shape instead: "
+                          f"{', '.join(MODEL_SHAPES)}")
+    p.add_argument("--out", default=None,
+                   help="also write the profile JSON here (it is always saved to the cache the "
+                        "engine reads: $APEX_MINI_CACHE/profiles or ~/.cache/apex_mini/profiles)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller grid with fewer repeats (what the engine uses when it has to "
+                        "profile on its own)")
+    p.add_argument("--reuse", action="store_true",
+                   help="use the cached profile when it is current instead of measuring again")
+    p.add_argument("--report", action="store_true",
+                   help="run a short mixed workload under every strategy and report the "
+                        "predictor's error against measured iteration times")
+    p.add_argument("--json", default=None, help="write the --report results here as JSON")
+    p.add_argument("--requests", type=int, default=16, help="--report: requests per run")
+    p.add_argument("--show", type=int, default=8,
+                   help="--report: print this many of apex's scheduling decisions")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    EngineConfig.add_cli_flags(p, skip=("policy", "profile_path", "seed", "cpu_fraction"))
+    return p
+
+
+def load(args, cfg: EngineConfig):
+    """(model, name) for --model or --model-shape."""
+    from .config import ModelConfig
+    from .weights import MODEL_SHAPES, load_model, random_model, resolve_device, resolve_dtype
+    device = resolve_device(cfg.device)
+    if args.model_shape:
+        if args.model_shape not in MODEL_SHAPES:
+            raise ValueError(f"unknown model shape {args.model_shape!r}; known: "
+                             f"{', '.join(MODEL_SHAPES)}")
+        dtype = resolve_dtype(cfg.dtype, MODEL_SHAPES[args.model_shape], device)
+        return random_model(args.model_shape, dtype, device), args.model_shape
+    model_dir = args.model or DEFAULT_MODEL_DIR
+    mc = ModelConfig.from_hf(model_dir)
+    return load_model(model_dir, resolve_dtype(cfg.dtype, mc, device), device), model_dir
+
+
+# ------------------------------------------------------------------------------- the report
+
+def workload(n: int, vocab: int, max_len: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt ids, output tokens) pairs: short and long prompts, short and long outputs."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        prompt = rng.choice((8, 16, 32, 64, 128)) + rng.randrange(8)
+        output = rng.choice((8, 16, 32, 48))
+        prompt = min(prompt, max(1, max_len - output - 1))
+        out.append(([rng.randrange(3, vocab) for _ in range(prompt)], output))
+    return out
+
+
+def make_engine(model, cfg: EngineConfig, run: str, predictor):
+    """An engine whose policy is `run`: apex, gpu-only, or apex's placement with one strategy
+    forced (overlap, pipeline)."""
+    import dataclasses
+    from .engine import Engine
+    from .plan import Strategy
+    from .predictive_policies import ForcedStrategyPolicy
+    policy = "gpu-only" if run == "gpu-only" else "apex"
+    engine = Engine(model, dataclasses.replace(cfg, policy=policy), predictor=predictor)
+    if run in ("overlap", "pipeline"):
+        forced = ForcedStrategyPolicy(cfg, predictor, Strategy(run))
+        engine.policy = engine.scheduler.policy = forced
+    return engine
+
+
+def run_report(model, cfg: EngineConfig, predictor, requests: int = 16, seed: int = 0,
+               progress: bool = True) -> dict:
+    """Run the workload under each of REPORT_RUNS; the predictor's error over all iterations,
+    per strategy and per run, every iteration's predicted and measured time (`points`), and
+    apex's decisions with their reasons."""
+    from tqdm import tqdm
+    from .sampling import SamplingParams
+    mc = model.config
+    max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    jobs = workload(requests, mc.vocab_size, max_len, seed)
+    if cfg.gpu_kv_blocks is None:      # room for about a third of the requests: the host tier works
+        need = sum(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)
+        most = max(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)
+        cfg = _replace(cfg, gpu_kv_blocks=max(most + 1, need // 3))
+    if cfg.cpu_kv_blocks is None:      # not the default gigabytes: each run builds an engine
+        need = sum(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)
+        cfg = _replace(cfg, cpu_kv_blocks=need + 1)
+    records, per_run, points = [], {}, []
+    runs = [("warm-up", "apex")] + [(r, r) for r in REPORT_RUNS]
+    for label, run in tqdm(runs, desc="report", unit="run", disable=not progress, leave=False):
+        engine = make_engine(model, cfg, run, predictor)
+        try:
+            for ids, n in (jobs[:4] if label == "warm-up" else jobs):
+                engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+            while engine.has_work():
+                engine.step()
+        finally:
+            engine.close()
+        if label == "warm-up":
+            continue
+        per_run[label] = predictor.error_report(engine.records)
+        records += engine.records
+        points += [dict(_decision(r, predictor), run=label) for r in engine.records]
+    report = predictor.error_report(records)
+    report.update(by_run=per_run, decisions=[p for p in points if p["run"] == "apex"],
+                  points=points, gpu_kv_blocks=cfg.gpu_kv_blocks, requests=requests,
+                  profile_key=predictor.profile.key)
+    return report
+
+
+def _replace(cfg, **changes):
+    import dataclasses
+    return dataclasses.replace(cfg, **changes)
+
+
+def _decision(record, predictor) -> dict:
+    predicted = predictor.iteration_time(record.shape, record.plan.strategy)
+    return {"plan": record.plan.summary(), "strategy": record.plan.strategy.value,
+            "predicted_ms": round(predicted * 1e3, 3), "measured_ms": round(record.measured_s * 1e3, 3),
+            "reason": record.plan.reason}
+
+
+def format_report(report: dict, show: int = 8) -> str:
+    def pct(x):
+        return "   -  " if x is None else f"{100 * x:5.1f}%"
+    lines = [f"{'strategy':10s} {'iterations':>10s} {'median err':>10s} {'p90 err':>8s}"]
+    for name, r in report["by_strategy"].items():
+        lines.append(f"{name:10s} {r['n']:10d} {pct(r['median_rel_error']):>10s} "
+                     f"{pct(r['p90_rel_error']):>8s}")
+    lines.append(f"{'all':10s} {report['n']:10d} {pct(report['median_rel_error']):>10s} "
+                 f"{pct(report['p90_rel_error']):>8s}")
+    if show and report.get("decisions"):
+        lines += ["", f"apex's first {min(show, len(report['decisions']))} decisions "
+                      "(predicted / measured, ms):"]
+        for d in report["decisions"][:show]:
+            lines.append(f"  {d['predicted_ms']:8.2f} / {d['measured_ms']:8.2f}  {d['plan']}  "
+                         f"[{d['reason']}]")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    from .engine import Engine
+    from .predictor import Predictor
+    from .profiler import FULL, QUICK, cache_path, engine_key, load_profile, profile_engine
+    args = build_parser().parse_args(argv)
+    if args.json and not args.report:
+        raise ValueError("--json writes the --report results; add --report")
+    if args.requests < 1:
+        raise ValueError(f"--requests={args.requests} must be at least 1")
+    cfg = EngineConfig.from_cli(args)
+    model, name = load(args, cfg)
+    progress = not args.no_progress
+    # An engine only for its pools and runner settings (policy gpu-only: no predictor needed).
+    engine = Engine(model, _replace(cfg, policy="gpu-only", gpu_kv_blocks=cfg.gpu_kv_blocks or 16))
+    key = engine_key(engine)
+    path = cache_path(key)
+    profile, why = load_profile(path, key) if args.reuse else (None, "")
+    if profile is None:
+        print(f"profiling {name} on {key['device_name']} ({key['dtype']}); {why or 'measuring'}",
+              file=sys.stderr)
+        profile = profile_engine(engine, QUICK if args.quick else FULL, progress)
+        profile.to_json(path)
+    engine.close()
+    print(f"profile: {path}")
+    if args.out:
+        profile.to_json(args.out)
+        print(f"profile: {args.out}")
+    print(f"overhead {profile.overhead * 1e3:.3f} ms/iteration, host job {profile.host_job_s * 1e6:.1f} "
+          f"us/layer" + (f", overlap hides {100 * (1 - min(1.0, profile.overlap_slowdown)):.0f}% "
+                         f"of host work" if profile.overlap_slowdown else ""))
+    if args.report:
+        predictor = Predictor(profile, bucket_decode=cfg.bucket_decode)
+        report = run_report(model, cfg, predictor, args.requests, progress=progress)
+        report["model"] = name
+        print(format_report(report, args.show))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=1))
+            print(f"report: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,511 @@
+"""The profiler: time each piece of an iteration, per decoder layer, on this machine.
+
+    linear            layer 0's QKV + RoPE + KV write + O + MLP, vs batch tokens
+    prefill_attn      causal attention of one prompt, vs its length
+    gpu_decode_attn   paged decode attention on the device, vs (sequences, KV rows read)
+    cpu_decode_attn   the host kernel (append K/V + paged decode attention), timed on the worker
+    d2h, h2d          `copy_blocks` between the tiers, vs bytes
+    lm_head           final norm + LM head + argmax + the host sync (whole model), vs rows
+    host_job_s        one round trip to the CPU worker thread
+    decode_iteration  whole decode-only iterations through a real `ModelRunner.execute` (the
+                      static decode step, CUDA graphs when on), vs (sequences, KV rows read)
+    overhead          calibrated: a few real `ModelRunner.execute` calls minus the prediction
+    overlap_slowdown  calibrated, CPU "device" only: how much host work the overlap fails to hide
+
+Every point runs twice as warm-up (the second run sets the time estimate), then `repeats`
+times, round robin over the points; the lower quartile counts (see `lower_quartile`). Device work is timed with CUDA events, host work with perf_counter.
+Decode grids use contexts that are whole blocks, so a point's KV rows are exactly what the
+kernel reads. Profiles are cached as JSON under a hash of their key (model shape, dtype, device,
+host CPU, threads, block size, torch version); a profile whose key or version differs is
+measured again, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import attention as dev_attn
+from .cost_tables import PROFILE_VERSION, BatchShape, Profile
+from .kv_cache import KVPool, copy_blocks
+from .plan import Plan, Strategy
+from .predictor import Predictor
+
+
+@dataclass(frozen=True)
+class Grid:
+    tokens: tuple[int, ...]          # linear
+    prompts: tuple[int, ...]         # prefill attention
+    seqs: tuple[int, ...]            # decode attention: sequences
+    kv: tuple[int, ...]              # decode attention: total KV rows (kept where a multiple of
+                                     # seqs * block_size, so every context is whole blocks)
+    rows: tuple[int, ...]            # LM head
+    blocks: tuple[int, ...]          # copies, in one-layer KV blocks
+    repeats: int
+
+
+QUICK = Grid(tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), prompts=(16, 64, 256, 1024),
+             seqs=(1, 4, 16, 64), kv=(64, 256, 1024, 4096, 16384), rows=(1, 4, 16, 64, 256),
+             blocks=(1, 16, 256), repeats=3)
+FULL = Grid(tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+            prompts=(16, 64, 256, 1024, 4096), seqs=(1, 2, 4, 8, 16, 32, 64, 128),
+            kv=(32, 128, 512, 2048, 8192, 32768, 131072), rows=(1, 4, 16, 64, 256, 1024),
+            blocks=(1, 16, 256, 1024), repeats=7)
+
+
+# ------------------------------------------------------------------------------- keys and cache
+
+def host_cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def profile_key(model_config, dtype: torch.dtype, device: torch.device, block_size: int,
+                cpu_threads: int, compiled: bool) -> dict:
+    """What a profile depends on; any difference means measuring again."""
+    mc = model_config
+    device = torch.device(device)
+    return {
+        "model": {k: getattr(mc, k) for k in ("hidden_size", "intermediate_size",
+                                               "num_hidden_layers", "num_attention_heads",
+                                               "num_key_value_heads", "head_dim", "vocab_size")},
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "host_cpu": host_cpu_name(),
+        "host_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_threads": cpu_threads,
+        "compiled_cpu_attention": bool(compiled),
+        "block_size": block_size,
+        "torch": torch.__version__,
+    }
+
+
+def engine_key(engine) -> dict:
+    from .cpu_attention import compile_enabled
+    return profile_key(engine.model_config, engine.dtype, engine.device, engine.cfg.block_size,
+                       engine.cfg.cpu_threads, engine.cfg.compile_cpu_attention and compile_enabled())
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """$APEX_MINI_CACHE/profiles, else ~/.cache/apex_mini/profiles."""
+    root = os.environ.get("APEX_MINI_CACHE")
+    return Path(root) / "profiles" if root else Path.home() / ".cache" / "apex_mini" / "profiles"
+
+
+def cache_path(key: dict) -> Path:
+    return cache_dir() / f"{key_hash(key)}.json"
+
+
+def load_profile(path: str | Path, key: dict) -> tuple[Profile | None, str]:
+    """(profile, "") when `path` holds a current profile for `key`, else (None, why not)."""
+    path = Path(path)
+    if not path.is_file():
+        return None, f"no profile at {path}"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return None, f"profile {path} is unreadable ({e})"
+    if data.get("version") != PROFILE_VERSION:
+        return None, f"profile {path} has version {data.get('version')}, expected {PROFILE_VERSION}"
+    if data.get("key") != key:
+        stored = data.get("key") or {}
+        diff = sorted(k for k in set(key) | set(stored) if key.get(k) != stored.get(k))
+        return None, f"profile {path} was measured for a different {', '.join(diff)}"
+    return Profile.from_json(path), ""
+
+
+# ------------------------------------------------------------------------------- timing
+
+def lower_quartile(times: list[float]) -> float:
+    """The statistic every point keeps. A busy machine only ever adds time (a descheduled
+    thread can stall an OpenMP barrier for a whole time slice), so a low quantile is the
+    stable estimate of the cost itself; it is the minimum for fewer than 4 repeats."""
+    return sorted(times)[len(times) // 4]
+
+
+KV_COPIES_BYTES = 256 << 20   # per-layer KV copies are capped at this much memory per tier
+DECODE_POOL_BYTES = 2 << 30   # the decode-iteration pool; larger points reuse its blocks
+
+
+class Timer:
+    """Adds up the time of the calls it runs: CUDA events around device work, perf_counter
+    otherwise. `total()` syncs once and returns the sum."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.events: list = []
+        self.seconds = 0.0
+
+    def __call__(self, fn, *args):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args)
+            end.record()
+            self.events.append((start, end))
+            return out
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def total(self) -> float:
+        if self.events:
+            self.events[-1][1].synchronize()
+        return self.seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+
+
+class Profiler:
+    """Measures one model's tables. Every piece is timed inside a pass over all the model's
+    layers, as in a real iteration: one layer timed in a loop keeps its weights in cache and
+    reads several times faster than the real thing. The engine's pools and runner are used
+    only for calibration (`profile_engine`)."""
+
+    def __init__(self, model, block_size: int, cpu_threads: int, compiled: bool,
+                 progress: bool = True):
+        self.model = model
+        self.mc = mc = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.block_size, self.cpu_threads, self.compiled = block_size, cpu_threads, compiled
+        self.progress = progress
+        self.layers = list(model.model.layers)
+        self.scale = mc.head_dim ** -0.5
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def _randn(self, *shape, device=None) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen).to(device or self.device, self.dtype)
+
+    def _pass(self, T: int, middle=None) -> tuple[float, float]:
+        """One forward over every layer with T rows: (linear seconds per layer, seconds per layer
+        of `middle(layer_idx, q, k, v, timer)`, which runs where attention goes and times its
+        own work on `timer`; without it the attention output is q itself)."""
+        mc = self.mc
+        hidden = self._randn(T, mc.hidden_size)                              # [T, hidden]
+        positions = torch.arange(T, device=self.device) % mc.max_position_embeddings
+        cos, sin = self.model.model.rotary_emb(positions, self.dtype)
+        scratch = torch.zeros(2, -(-T // self.block_size), self.block_size,
+                              mc.num_key_value_heads, mc.head_dim, dtype=self.dtype, device=self.device)
+        rows = torch.arange(T, device=self.device)                           # [T] = slots too
+        lin, mid = Timer(self.device), Timer(self.device)
+        for i, layer in enumerate(self.layers):
+            q, k, v = lin(layer.pre_attention, hidden, cos, sin)            # [T, H, D], [T, KVH, D]
+            lin(lambda: dev_attn.write_kv(scratch[0], scratch[1], rows, k.index_select(0, rows),
+                                          v.index_select(0, rows)))
+            out = q if middle is None else middle(i, q, k, v, mid)
+            lin(layer.post_attention, hidden, out)
+        L = len(self.layers)
+        return lin.total() / L, mid.total() / L
+
+    # ---------------------------------------------------------------- the pieces (-> seconds)
+
+    def _linear(self, T: int):
+        return lambda: self._pass(T)[0]
+
+    def _prefill(self, n: int):
+        def middle(i, q, k, v, timer):                 # causal attention on the real q, k, v
+            return timer(dev_attn.prefill_attention, q, k, v, 0, self.scale)
+        return lambda: self._pass(n, middle)[1]
+
+    def _decode_caches(self, n: int, total: int, device):
+        """Per-layer KV copies (as many as KV_COPIES_BYTES allows), block tables, lengths."""
+        mc, bs = self.mc, self.block_size
+        width = total // n // bs                                            # blocks per sequence
+        shape = (n * width, bs, mc.num_key_value_heads, mc.head_dim)
+        copies = max(1, min(len(self.layers), KV_COPIES_BYTES // (2 * total * shape[2] * shape[3]
+                                                                  * self.dtype.itemsize)))
+        caches = [(self._randn(*shape, device=device), self._randn(*shape, device=device))
+                  for _ in range(copies)]
+        tables = torch.arange(n * width, device=device).view(n, width)    # [n, width]
+        lens = torch.full((n,), width * bs, dtype=torch.long, device=device)
+        return caches, tables, lens
+
+    def _gpu_decode(self, n: int, total: int):
+        caches, tables, lens = self._decode_caches(n, total, self.device)
+
+        def middle(i, q, k, v, timer):
+            k_cache, v_cache = caches[i % len(caches)]
+            out = torch.empty_like(q)
+
+            def attend():
+                out[0:n] = dev_attn.paged_decode_attention(q, k_cache, v_cache, tables, lens, self.scale)
+            timer(attend)
+            return out
+        return lambda: self._pass(n, middle)[1]
+
+    def _cpu_decode(self, n: int, total: int, worker):
+        from .cpu_attention import append_kv, paged_decode_attention as host_attention
+        caches, tables, lens = self._decode_caches(n, total, "cpu")
+        slots = (tables[:, -1] * self.block_size + self.block_size - 1).contiguous()  # [n]
+        pin = self.device.type == "cuda"
+
+        @torch.inference_mode()
+        def job(i, q, k, v):                 # on the worker thread; times itself
+            t0 = time.perf_counter()
+            k_cache, v_cache = caches[i % len(caches)]
+            append_kv(k_cache, v_cache, slots, k, v)
+            out = host_attention(q, k_cache, v_cache, tables, lens, self.scale, compiled=self.compiled)
+            if pin:
+                out = out.pin_memory()
+            return out, time.perf_counter() - t0
+
+        def middle(i, q, k, v, timer):
+            q, k, v = (t.to("cpu") for t in (q, k, v))
+            out, seconds = worker.submit(job, i, q, k, v).result()
+            timer.seconds += seconds
+            return out.to(self.device)
+        return lambda: self._pass(n, middle)[1]
+
+    def _host_job(self, worker):
+        def run():
+            t0 = time.perf_counter()
+            worker.submit(lambda: None).result()
+            return time.perf_counter() - t0
+        return run
+
+    def _copy(self, blocks: int, down: bool):
+        from .streams import Streams
+        mc = self.mc
+        streams = Streams(self.device)
+        shape = (1, blocks, self.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype)
+        dev = KVPool(*shape, device=self.device)
+        host = KVPool(*shape, device="cpu", pin=streams.pin)
+        src, dst = (dev, host) if down else (host, dev)
+        ids = list(range(blocks))
+
+        def run():
+            timer = Timer(self.device)
+            timer(copy_blocks, src, ids, dst, ids, streams)
+            return timer.total()
+        return run
+
+    def _lm_head(self, rows: int):
+        hidden = self._randn(rows, self.mc.hidden_size)
+
+        def run():
+            self._pass(1)                              # evict as a real iteration would
+            timer = Timer(self.device)
+            timer(lambda: self.model.logits(hidden).argmax(-1).tolist())
+            return timer.total()
+        return run
+
+    # ---------------------------------------------------------------- the run
+
+    def run(self, grid: Grid = QUICK) -> Profile:
+        from .cpu_attention import CPUAttentionWorker
+        bs = self.block_size
+        worker = CPUAttentionWorker(self.cpu_threads)
+        one_block = KVPool.bytes_per_block(1, bs, self.mc.num_key_value_heads, self.mc.head_dim,
+                                           self.dtype)
+        decode = [(n, kv) for n in grid.seqs for kv in grid.kv if kv % (n * bs) == 0]
+        points = (
+            [("linear", (t,), self._linear, (t,)) for t in grid.tokens]
+            + [("prefill_attn", (n,), self._prefill, (n,)) for n in grid.prompts]
+            + [("gpu_decode_attn", d, self._gpu_decode, d) for d in decode]
+            + [("cpu_decode_attn", d, self._cpu_decode, (*d, worker)) for d in decode]
+            + [("d2h", (b * one_block,), self._copy, (b, True)) for b in grid.blocks]
+            + [("h2d", (b * one_block,), self._copy, (b, False)) for b in grid.blocks]
+            + [("lm_head", (r,), self._lm_head, (r,)) for r in grid.rows]
+            + [("host_job", (), self._host_job, (worker,))])
+        tables: dict[str, list] = {}
+        try:
+            with torch.inference_mode():
+                calls, estimate = [], 0.0
+                for name, x, make, args in tqdm(points, desc="profile warm-up", unit="pt",
+                                                disable=not self.progress, leave=False):
+                    call = make(*args)
+                    call()
+                    t0 = time.perf_counter()
+                    call()
+                    estimate += (time.perf_counter() - t0) * grid.repeats
+                    calls.append((name, x, call))
+                self._say(f"profiling {len(points)} points x {grid.repeats} runs; about "
+                          f"{estimate:.1f} s")
+                # Round robin: a burst of load then spoils one run of many points, which the
+                # lower quartile drops, not every run of one point.
+                times: list[list[float]] = [[] for _ in calls]
+                bar = tqdm(total=len(calls) * grid.repeats, desc="profiling", unit="run",
+                           disable=not self.progress, leave=False)
+                for _ in range(grid.repeats):
+                    for i, (_, _, call) in enumerate(calls):
+                        times[i].append(call())
+                        bar.update()
+                bar.close()
+                for (name, x, _), ts in zip(calls, times):
+                    tables.setdefault(name, []).append([*x, lower_quartile(ts)])
+        finally:
+            worker.close()
+        mc = self.mc
+        return Profile(
+            key=profile_key(mc, self.dtype, self.device, bs, self.cpu_threads, self.compiled),
+            num_layers=mc.num_hidden_layers,
+            linear=tables["linear"], prefill_attn=tables["prefill_attn"],
+            gpu_decode_attn=tables["gpu_decode_attn"], cpu_decode_attn=tables["cpu_decode_attn"],
+            d2h=tables["d2h"], h2d=tables["h2d"], lm_head=tables["lm_head"],
+            bytes_per_token_row=(mc.num_attention_heads + 2 * mc.num_key_value_heads)
+            * mc.head_dim * self.dtype.itemsize,
+            kv_block_bytes=one_block * mc.num_hidden_layers,
+            host_job_s=tables["host_job"][0][0],
+            source="measured")
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(text, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------- calibration
+
+def _fake_seq(ids, ctx: int, tier: str, decoding: bool):
+    """A running request of `ctx` tokens whose KV (all but the newest token, when decoding)
+    is cached in `tier`."""
+    from .sampling import SamplingParams
+    from .sequence import Sequence, Status
+    s = Sequence(next(ids), [1] * ctx, SamplingParams(temperature=0.0, max_tokens=1), seed=0)
+    s.status, s.tier, s.num_computed = Status.RUNNING, tier, ctx - 1 if decoding else 0
+    return s
+
+
+def _time_plans(runner, plans, tables, repeats: int) -> list[float]:
+    """Lower-quartile seconds of `runner.execute` per plan, round robin after two warm-up
+    rounds (which also compile and capture CUDA graphs)."""
+    times: list[list[float]] = [[] for _ in plans]
+    for r in range(repeats + 2):
+        for p, ts in zip(plans, times):
+            t0 = time.perf_counter()
+            runner.execute(p, tables)
+            if r >= 2:
+                ts.append(time.perf_counter() - t0)
+    return [lower_quartile(ts) for ts in times]
+
+
+def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
+    """[[n_seqs, kv_tokens, s], ...]: whole decode-only iterations, timed as the engine times
+    them (`runner.execute`), on a device pool of the profiler's own. Every sequence holds
+    kv_tokens / n_seqs tokens (whole blocks); past `DECODE_POOL_BYTES` block ids repeat, so a
+    big point reads the same memory more than once, as a real pool of that size would not."""
+    from .cpu_attention import CPUAttentionWorker
+    from .plan import Plan
+    from .sequence import GPU
+    bs, L = engine.cfg.block_size, engine.model_config.num_hidden_layers
+    points = [(n, kv) for n in grid.seqs for kv in grid.kv if kv % (n * bs) == 0]
+    blocks = max(kv for _, kv in points) // bs
+    blocks = max(1, min(blocks, DECODE_POOL_BYTES // engine.kv_bytes_per_block))
+    mc = engine.model_config
+    pool = KVPool(L, blocks + 1, bs, mc.num_key_value_heads, mc.head_dim, engine.dtype,
+                  device=engine.device)                                # + a scratch block
+    ids = iter(range(1 << 30))
+    plans, tables = [], {GPU: {}}
+    for n, kv in points:
+        ctx, width = kv // n, kv // n // bs
+        seqs = [_fake_seq(ids, ctx, GPU, decoding=True) for _ in range(n)]
+        for i, s in enumerate(seqs):
+            tables[GPU][s.seq_id] = [(i * width + j) % blocks for j in range(width)]
+        plans.append(Plan(gpu_decodes=seqs))
+    worker = CPUAttentionWorker(engine.cfg.cpu_threads)
+    try:
+        runner = engine.make_runner(pool, blocks, worker)
+        times = _time_plans(runner, plans, tables, grid.repeats)
+    finally:
+        worker.close()
+    del pool
+    return [[n, kv, t] for (n, kv), t in zip(points, times)]
+
+
+def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strategy, float]]:
+    """Time a few tiny real iterations through a `ModelRunner` on the engine's (still empty)
+    pools: every request reads and writes only block 0 of its tier. Returns
+    (shape, strategy, lower-quartile measured seconds) per plan."""
+    from .cpu_attention import CPUAttentionWorker
+    from .sequence import CPU, GPU
+
+    ctx = min(8, engine.cfg.block_size)
+    ids = iter(range(1 << 30))
+
+    def seq(tier: str, decoding: bool):
+        return _fake_seq(ids, ctx, tier, decoding)
+
+    def plan(n_prefill=0, n_gpu=0, n_cpu=0, strategy=Strategy.GPU_ONLY) -> Plan:
+        return Plan(prefills=[(s, ctx) for s in (seq(GPU, False) for _ in range(n_prefill))],
+                    gpu_decodes=[seq(GPU, True) for _ in range(n_gpu)],
+                    cpu_decodes=[seq(CPU, True) for _ in range(n_cpu)], strategy=strategy)
+
+    # Plans that run the layer loop (a prefill or host rows): decode-only ones take the static
+    # decode step, which `decode_iteration_table` measures whole.
+    plans = [plan(n_prefill=1), plan(n_prefill=2), plan(n_prefill=1, n_gpu=2),
+             plan(n_prefill=1, n_gpu=8), plan(n_gpu=1, n_cpu=1, strategy=Strategy.OVERLAP),
+             plan(n_gpu=2, n_cpu=2, strategy=Strategy.OVERLAP)]
+    tables = {GPU: {s.seq_id: [0] for p in plans for s in p.gpu_decodes + [s for s, _ in p.prefills]},
+              CPU: {s.seq_id: [0] for p in plans for s in p.cpu_decodes}}
+    worker = CPUAttentionWorker(engine.cfg.cpu_threads)
+    try:
+        runner = engine.make_runner(engine.gpu_pool, engine.scratch_block, worker)
+        times = _time_plans(runner, plans, tables, repeats)
+    finally:
+        worker.close()
+    return [(BatchShape.from_plan(p), p.strategy, t) for p, t in zip(plans, times)]
+
+
+def calibrate(profile: Profile, engine, grid: Grid = QUICK, repeats: int = 7) -> Profile:
+    """Measure whole decode-only iterations, then fit the fixed per-iteration overhead of the
+    layer loop from tiny real iterations; on a CPU "device" also the share of host work that
+    overlap fails to hide (both compete for the same cores)."""
+    profile.decode_iteration = decode_iteration_table(engine, grid)
+    runs = calibration_runs(engine, repeats)
+    bare = Predictor(profile, bucket_decode=engine.cfg.bucket_decode)
+    residuals = [m - bare.iteration_time(s, st) for s, st, m in runs if not s.n_cpu_decodes]
+    profile.overhead = max(0.0, statistics.median(residuals))
+    if engine.device.type == "cpu":
+        shares = []
+        for shape, strategy, measured in runs:
+            if shape.n_cpu_decodes:
+                parts = bare.breakdown(shape, strategy)     # with the whole host job unhidden
+                host = parts["cpu_decode_attn_s"]
+                rest = parts["total_s"] - host
+                shares.append((measured - profile.overhead - rest) / host)
+        profile.overlap_slowdown = min(2.0, max(0.05, statistics.median(shares)))
+    return profile
+
+
+def profile_engine(engine, grid: Grid = QUICK, progress: bool = True) -> Profile:
+    from .cpu_attention import compile_enabled
+    compiled = engine.cfg.compile_cpu_attention and compile_enabled()
+    profiler = Profiler(engine.model, engine.cfg.block_size, engine.cfg.cpu_threads, compiled,
+                        progress)
+    start = time.perf_counter()
+    profile = calibrate(profiler.run(grid), engine, grid)
+    profiler._say(f"profiled in {time.perf_counter() - start:.1f} s")
+    return profile
+
+
+def predictor_for_engine(engine, grid: Grid = QUICK, progress: bool = True) -> Predictor:
+    """The engine's predictor: the cached profile for this model and machine if it is current,
+    else a fresh one (measured now and saved)."""
+    key = engine_key(engine)
+    path = Path(engine.cfg.profile_path) if engine.cfg.profile_path else cache_path(key)
+    profile, why = load_profile(path, key)
+    if profile is None:
+        if progress:
+            print(f"{why}; profiling this machine (once)", file=sys.stderr)
+        profile = profile_engine(engine, grid, progress)
+        profile.to_json(path)
+    return Predictor(profile, bucket_decode=engine.cfg.bucket_decode)

@@ -1,0 +1,271 @@
+"""`python -m apex_mini.simulate`: the real scheduler and policies on a simulated machine.
+
+    python -m apex_mini.simulate --gpu t4 --model llama2-7b --workload chat --num-requests 200
+    python -m apex_mini.simulate --gpu custom --hardware my_box.json --policies gpu-only,apex
+    python -m apex_mini.simulate --calibrate-from profile.json --model weights/apex-tiny-llama ...
+
+A discrete-event loop with no tensors: requests are released at their arrival times, the real
+`Scheduler` plans each iteration with the real policy and `Predictor`, and the simulated clock
+advances by that plan's cost. The cost comes from the same kind of tables the predictor reads:
+an analytic hardware model (hardware.py), or, with --calibrate-from, tables measured by
+`python -m apex_mini.profile`. The clock is the predictor on those tables (plus swap copies and
+an optional --noise term), so the simulator checks *scheduling decisions*, batch sizes and
+memory pressure under a cost model; it cannot reveal the predictor's own errors, which only a
+measured run (`bench serve`) shows. Every finished request gets dummy token 3, never EOS.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import metrics, workloads
+from .cli import run_cli
+from .config import EngineConfig, ModelConfig
+from .cost_tables import BatchShape, Profile
+from .hardware import (GPUS, HOSTS, Hardware, analytic_profile, kv_capacity_tokens, load_hardware,
+                       weight_bytes)
+from .kv_cache import BlockManager
+from .plan import Plan
+from .policies import make_policy
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import CPU, GPU, Sequence
+from .weights import MODEL_SHAPES
+
+DUMMY_TOKEN = 3
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+# Engine options that mean nothing without tensors, or that the simulator sets itself.
+SKIPPED_FLAGS = ("device", "dtype", "policy", "cpu_threads", "compile_cpu_attention",
+                 "cuda_graphs", "compile_decode", "profile_path", "gpu_memory_gb", "cpu_kv_gb")
+
+
+@dataclass
+class Machine:
+    """What a simulation runs on: cost tables and the two tiers' KV capacities."""
+
+    profile: Profile
+    gpu_blocks: int
+    cpu_blocks: int
+    kv_bytes_per_block: int
+    max_model_len: int
+    description: dict
+
+
+def build_machine(mc: ModelConfig, cfg: EngineConfig, itemsize: int, hw: Hardware | None = None,
+                  profile: Profile | None = None, model_name: str = "") -> Machine:
+    """Capacities as the engine sizes them: device memory minus weights and a reserve (or
+    --gpu-kv-blocks), host memory for KV (or --cpu-kv-blocks), never more than every running
+    request at full length could use."""
+    bs = cfg.block_size
+    max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    most = cfg.max_num_seqs * -(-max_len // bs)
+    if hw is not None:
+        dev_tokens, host_tokens = kv_capacity_tokens(hw, mc, itemsize)
+        if dev_tokens < bs and not cfg.gpu_kv_blocks:
+            raise ValueError(f"{model_name or 'the model'} does not fit on {hw.gpu.name}: weights "
+                             f"take {weight_bytes(mc, itemsize) / 1e9:.2f} GB of "
+                             f"{hw.gpu.memory_gb} GB, with {hw.reserve_gb} GB reserved")
+        profile = profile or analytic_profile(hw, mc, itemsize, model_name, bs)
+        description = {"name": hw.name, **hw.to_dict()}
+    else:
+        if not (cfg.gpu_kv_blocks and cfg.cpu_kv_blocks):
+            raise ValueError("--calibrate-from needs --gpu-kv-blocks and --cpu-kv-blocks (the same "
+                             "values the measured run used)")
+        dev_tokens = host_tokens = 0
+        description = {"name": f"measured profile ({profile.source})", "profile_key": profile.key}
+    gpu_blocks = cfg.gpu_kv_blocks or min(most, dev_tokens // bs)
+    cpu_blocks = cfg.cpu_kv_blocks or min(most, host_tokens // bs)
+    block_bytes = mc.kv_bytes_per_token(itemsize) * bs
+    if not profile.kv_block_bytes:                   # swaps cost what this cache's blocks weigh
+        profile = dataclasses.replace(profile, kv_block_bytes=block_bytes)
+    return Machine(profile, gpu_blocks, cpu_blocks, block_bytes, max_len, description)
+
+
+class Clock:
+    """The simulated cost of one plan: the predictor on the machine's own tables (swap copies
+    included), times (1 + noise * N(0, 1)) when --noise is set."""
+
+    def __init__(self, predictor, noise: float = 0.0, seed: int = 0):
+        self.predictor, self.noise = predictor, noise
+        self.rng = random.Random(seed)
+
+    def cost(self, plan: Plan) -> float:
+        t = self.predictor.iteration_time(BatchShape.from_plan(plan), plan.strategy)
+        if self.noise:
+            t *= max(0.05, 1.0 + self.noise * self.rng.gauss(0.0, 1.0))
+        return t
+
+
+def simulate_policy(name: str, specs: list[workloads.RequestSpec], machine: Machine,
+                    cfg: EngineConfig, noise: float = 0.0, seed: int = 0, progress: bool = False,
+                    scheduler_time: bool = False) -> dict:
+    """Run every request through policy `name` on `machine`; returns its metrics row. With
+    `scheduler_time`, the wall time this process spends in `schedule()` and `finish()` is added
+    to the clock, as a real engine spends it between forwards."""
+    from .predictor import Predictor
+
+    predictor = Predictor(machine.profile, bucket_decode=cfg.bucket_decode)
+    policy = make_policy(name, cfg, predictor)
+    host_blocks = machine.cpu_blocks if policy.uses_host else 1      # as the engine does
+    sched = Scheduler(policy, BlockManager(machine.gpu_blocks, cfg.block_size, GPU),
+                      BlockManager(max(1, host_blocks), cfg.block_size, CPU), cfg.max_num_seqs,
+                      cfg.max_num_batched_tokens, machine.max_model_len)
+    clock, now = Clock(predictor, noise, seed), 0.0
+    pending, seqs, tally = collections.deque(specs), [], metrics.IterationTally()
+    bar = tqdm(total=len(specs), desc=f"simulate {name}", unit="req", disable=not progress,
+               leave=False)
+    while pending or sched.has_work():
+        while pending and pending[0].arrival_s <= now:
+            spec = pending.popleft()
+            seq = Sequence(len(seqs), [DUMMY_TOKEN] * spec.prompt_len,
+                           SamplingParams(max_tokens=spec.output_len, ignore_eos=True),
+                           seed=len(seqs), arrival_time=spec.arrival_s)
+            sched.add(seq)
+            seqs.append(seq)
+        if not sched.has_work():
+            now = pending[0].arrival_s                   # idle until the next arrival
+            continue
+        t0 = time.perf_counter()
+        plan = sched.schedule()
+        planning = time.perf_counter() - t0
+        if plan.is_empty and not plan.swaps:
+            raise RuntimeError(f"{name}: the scheduler made no progress; this is a bug")
+        cost = clock.cost(plan)                      # costed before finish() moves the state
+        fresh = [s for s, n in plan.scheduled if s.first_token_time is None]
+        outputs = sum(s.num_computed + n >= s.num_tokens for s, n in plan.scheduled)
+        t0 = time.perf_counter()
+        done = sched.finish(plan, [DUMMY_TOKEN] * outputs)
+        planning += time.perf_counter() - t0
+        now += cost + (planning if scheduler_time else 0.0)
+        for s in fresh:                              # restamp on the simulated clock
+            if s.first_token_time is not None:
+                s.first_token_time = now
+        for s in done:
+            s.finish_time = now
+        tally.add(plan)
+        bar.update(len(done))
+    bar.close()
+    sched.check_integrity()
+    return metrics.summarize(seqs, 0.0, tally, sched.num_preemptions, sched.num_swaps)
+
+
+def resolve_model(name: str) -> tuple[ModelConfig, str]:
+    """A shape name from weights.MODEL_SHAPES, or a folder with a Hugging Face config.json."""
+    if name in MODEL_SHAPES:
+        return MODEL_SHAPES[name], name
+    if "/" in name or name.startswith("."):
+        return ModelConfig.from_hf(name), name.rstrip("/").split("/")[-1]
+    raise ValueError(f"unknown model {name!r}; give a shape ({', '.join(MODEL_SHAPES)}) or a "
+                     "checkpoint folder")
+
+
+def model_from_key(key: dict) -> tuple[ModelConfig, str]:
+    """The model shape a measured profile's key records (its context length is not recorded:
+    pass --model or --max-model-len when it matters)."""
+    shape = dict(key.get("model") or {})
+    shape.pop("name", None)
+    try:
+        return ModelConfig(**shape), "profiled model"
+    except TypeError:
+        raise ValueError("the profile's key lacks the model shape; pass --model") from None
+
+
+def resolve_hardware(args) -> Hardware:
+    if args.gpu == "custom" or args.hardware:
+        if not args.hardware:
+            raise ValueError("--gpu custom needs --hardware FILE.json")
+        hw = load_hardware(args.hardware)
+    else:
+        hw = Hardware(GPUS[args.gpu], HOSTS[args.cpu])
+    host = {k: v for k, v in (("mem_bw_gbps", args.cpu_mem_gbps), ("cores", args.cpu_cores),
+                              ("kv_memory_gb", args.cpu_kv_gb)) if v is not None}
+    gpu = {"memory_gb": args.gpu_memory_gb} if args.gpu_memory_gb is not None else {}
+    extra = {"iteration_overhead_s": args.overhead_ms / 1e3} if args.overhead_ms is not None else {}
+    return dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, **gpu),
+                               host=dataclasses.replace(hw.host, **host), **extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m apex_mini.simulate",
+                                description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", default="t4", choices=(*GPUS, "custom"),
+                   help="GPU preset (default: t4); custom reads --hardware")
+    p.add_argument("--hardware", help="JSON (or YAML, with pyyaml) hardware description with the "
+                   "keys of hardware.Hardware, for --gpu custom")
+    p.add_argument("--cpu", default="server-ddr4", choices=HOSTS,
+                   help="host preset (default: server-ddr4)")
+    p.add_argument("--cpu-mem-gbps", type=float, help="override the host's memory bandwidth, GB/s")
+    p.add_argument("--cpu-cores", type=int, help="override the host cores running attention")
+    p.add_argument("--cpu-kv-gb", type=float, help="override host memory for the KV cache, GB")
+    p.add_argument("--gpu-memory-gb", type=float, help="override the GPU's memory, GB")
+    p.add_argument("--overhead-ms", type=float, help="override the per-iteration overhead, ms")
+    p.add_argument("--model", help="model shape name or checkpoint folder (default: llama2-7b, or "
+                   "the shape in --calibrate-from's profile)")
+    p.add_argument("--dtype", dest="sim_dtype", choices=ITEMSIZE, help="weight and KV dtype "
+                   "(default: float16, or the profile's)")
+    p.add_argument("--calibrate-from", help="a measured profile JSON: simulate with its tables "
+                   "instead of the analytic model (needs --gpu-kv-blocks and --cpu-kv-blocks)")
+    p.add_argument("--scheduler-time", action="store_true", help="add the scheduler's own wall "
+                   "time on this machine to each iteration (for validation against bench serve)")
+    p.add_argument("--compare-to", help="a `bench serve` JSON of the same workload: print and "
+                   "record simulated vs measured throughput per policy")
+    p.add_argument("--noise", type=float, default=0.0, help="relative std-dev of a Gaussian term "
+                   "on each iteration's time (default: 0)")
+    workloads.add_cli_flags(p, default_requests=200)
+    metrics.add_cli_flags(p)
+    EngineConfig.add_cli_flags(p, skip=SKIPPED_FLAGS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    policies = metrics.parse_policies(args.policies)
+    cfg = EngineConfig.from_cli(args)
+    specs = workloads.make_workload(args.workload, args.num_requests, args.rate, args.length_scale,
+                                    cfg.seed, args.trace)
+    if args.calibrate_from:
+        profile = Profile.from_json(args.calibrate_from)
+        mc, model_name = resolve_model(args.model) if args.model else model_from_key(profile.key)
+        dtype = args.sim_dtype or profile.key.get("dtype", "float16")
+        machine = build_machine(mc, cfg, ITEMSIZE[dtype], profile=profile)
+    else:
+        mc, model_name = resolve_model(args.model or "llama2-7b")
+        dtype = args.sim_dtype or "float16"
+        machine = build_machine(mc, cfg, ITEMSIZE[dtype], hw=resolve_hardware(args),
+                                model_name=model_name)
+    workloads.check_fits(specs, machine.max_model_len)
+    rows = {name: simulate_policy(name, specs, machine, cfg, args.noise, cfg.seed,
+                                  not args.no_progress, args.scheduler_time) for name in policies}
+    workload = {"name": args.workload, "rate": args.rate, "length_scale": args.length_scale,
+                **workloads.describe(specs)}
+    model = {"name": model_name, "dtype": dtype}
+    hardware = {**machine.description, "gpu_kv_blocks": machine.gpu_blocks,
+                "cpu_kv_blocks": machine.cpu_blocks, "block_size": cfg.block_size}
+    rep = metrics.report(rows, workload, model, hardware, "apex_mini.simulate", argv,
+                         simulated=True)
+    print(metrics.markdown(rep))
+    if args.compare_to:
+        measured = json.loads(Path(args.compare_to).read_text())
+        rep["validation"] = {"measured": args.compare_to,
+                             "policies": metrics.compare(rep, measured)}
+        print(metrics.compare_markdown(rep["validation"]["policies"]))
+    metrics.write_outputs(rep, args.json, args.markdown)
+    if args.plot:
+        from .bench_plot import save_plot
+        save_plot(rep, args.plot, f"simulated: {hardware['name']}, {model_name}, {args.workload}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,61 @@
+"""The serving benchmark: every field in its JSON, and every request completed under every policy,
+on random tiny weights on the CPU with a device tier small enough that the host tier is used."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from apex_mini import bench
+from apex_mini.metrics import FIELDS
+
+
+@pytest.fixture(autouse=True)
+def quiet_env(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "1")
+    # A private profile cache: the predictive policies profile the tiny shape once per session.
+    monkeypatch.setenv("APEX_MINI_CACHE", str(tmp_path_factory.getbasetemp() / "bench_cache"))
+
+
+def test_every_policy_completes_every_request(tmp_path, capsys):
+    out, md, png = tmp_path / "serve.json", tmp_path / "serve.md", tmp_path / "serve.png"
+    argv = ["serve", "--model-shape", "tiny", "--device", "cpu", "--workload", "mixed",
+            "--num-requests", "6", "--length-scale", "0.05", "--gpu-kv-blocks", "8",
+            "--policies", "gpu-only,static,neo,apex", "--json", str(out), "--markdown", str(md),
+            "--plot", str(png), "--no-progress", "--torch-threads", "1"]
+    assert bench.main(argv) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep) >= {"policies", "workload", "model", "hardware", "date", "command"}
+    assert list(rep["policies"]) == ["gpu-only", "static", "neo", "apex"]
+    for name, row in rep["policies"].items():
+        assert set(row) >= set(FIELDS), name
+        assert row["completed"] == row["num_requests"] == 6, name
+        assert row["throughput_tok_s"] > 0 and row["ttft_p99_s"] >= row["ttft_p50_s"] > 0
+        assert row["tpot_p50_s"] > 0
+        assert sum(row["strategy_mix"].values()) == pytest.approx(1.0)
+        assert row["output_tokens"] == rep["workload"]["total_output_tokens"]
+    assert rep["policies"]["gpu-only"]["ratio_to_gpu_only"] == 1.0
+    assert rep["policies"]["static"]["host_decodes"] > 0       # the host tier was used
+    assert "| apex |" in md.read_text() and "| apex |" in capsys.readouterr().out
+    assert png.stat().st_size > 0
+
+
+def test_trace_arrivals_are_respected(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join(json.dumps({"arrival_s": t, "prompt_len": 5, "output_len": 3})
+                               for t in (0.0, 0.2, 0.4)) + "\n")
+    out = tmp_path / "trace.json"
+    assert bench.main(["serve", "--model-shape", "tiny", "--device", "cpu", "--workload", "trace",
+                       "--trace", str(trace), "--policies", "gpu-only", "--json", str(out),
+                       "--torch-threads", "1", "--no-progress"]) == 0
+    row = json.loads(out.read_text())["policies"]["gpu-only"]
+    assert row["completed"] == 3
+    assert row["duration_s"] >= 0.4                  # the last request could not start earlier
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown policies"):
+        bench.main(["serve", "--model-shape", "tiny", "--policies", "gpu-only,vllm"])
+    with pytest.raises(ValueError, match="length-scale"):
+        bench.main(["serve", "--model-shape", "tiny", "--device", "cpu", "--workload", "long-input",
+                    "--num-requests", "2", "--no-progress"])

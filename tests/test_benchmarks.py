@@ -1,0 +1,72 @@
+"""`bench kernels` and `bench decode`: each runs in its smoke form, writes every JSON field the
+issues name, and its figures are consistent with what it measured. (The figures themselves are
+performance: docs/benchmarks.md, never asserted here.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from apex_mini import bench, bench_kernels
+from apex_mini.cli import run_cli
+
+
+def test_kernels_json_has_every_field(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    assert bench.main(["kernels", "--quick", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["copy_gbps"] > 0
+    rows = report["rows"]
+    assert {(r["context"], r["batch"], r["mode"]) for r in rows} == {
+        (c, b, m) for c in (512, 1024) for b in (1, 8) for m in ("compiled", "eager")}
+    for r in rows:
+        assert r["gbps"] > 0 and r["ms"] > 0
+        # GB/s is exactly the KV bytes read over the time per call (tiny shape: 2 KV heads x 16).
+        kv_bytes = 2 * r["batch"] * r["context"] * 2 * 16 * 2       # bf16
+        assert r["gbps"] == pytest.approx(kv_bytes / (r["ms"] / 1e3) / 1e9)
+        if r["mode"] == "compiled":                 # both kernels ran on the same inputs
+            assert r["max_abs_diff_vs_eager"] < 2e-2
+    text = capsys.readouterr().out
+    assert "of copy" in text and "goal: >= 50%" in text
+
+
+def test_kernels_bad_flags_are_one_line():
+    for argv in (["kernels", "--modes", "fast"], ["kernels", "--contexts", "0"],
+                 ["kernels", "--batches", "a,b"]):
+        assert run_cli(lambda: bench.main(argv)) == 2
+
+
+def test_kernel_point_reads_what_it_says():
+    p = bench_kernels.Point(context=40, batch=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                            block_size=16, dtype=bench_kernels.torch.float32, pool_bytes=1 << 16)
+    assert p.kv_bytes == 2 * 3 * 40 * 2 * 8 * 4
+    assert p.copies >= 2                            # small points rotate over disjoint copies
+    used = p.tables.flatten().tolist()
+    assert len(used) == len(set(used))              # no block shared between copies or rows
+
+
+def test_decode_json_has_every_field_and_matches_transformers(tmp_path):
+    """The shipped model in fp32: our greedy tokens equal transformers' on the same weights."""
+    out = tmp_path / "decode.json"
+    assert bench.main(["decode", "--quick", "--device", "cpu", "--prompt-len", "16",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 8]
+    for r in rows:
+        assert {"device", "model", "batch", "tok_s", "gbps", "roofline_gbps", "hf_tok_s"} <= set(r)
+        assert r["device"] == "cpu" and r["tok_s"] > 0 and r["gbps"] > 0 and r["hf_tok_s"] > 0
+        assert r["same_tokens"] == 1.0
+
+
+def test_decode_without_transformers_writes_null(tmp_path):
+    out = tmp_path / "decode.json"
+    assert bench.main(["decode", "--model-shape", "tiny", "--batches", "2", "--new-tokens", "3",
+                       "--repeats", "1", "--device", "cpu", "--no-hf", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["hf_tok_s"] is None and row["model"] == "tiny" and row["batch"] == 2
+
+
+def test_bench_usage_and_unknown_command(capsys):
+    assert bench.main([]) == 0
+    assert "kernels" in capsys.readouterr().out
+    assert run_cli(lambda: bench.main(["nope"])) == 2

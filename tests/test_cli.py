@@ -1,0 +1,121 @@
+"""`python -m apex_mini.generate`: it writes text, and every kind of bad input gets one line on
+stderr and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from apex_mini.cli import run_cli
+from apex_mini.generate import main
+
+
+def generate(argv, capsys):
+    code = run_cli(lambda: main(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_single_prompt_streams_and_summarises(mha_ckpt, capsys):
+    code, out, err = generate(["--model", str(mha_ckpt), "--device", "cpu", "--prompt", "hello",
+                               "--max-new-tokens", "5", "--temperature", "0", "--ignore-eos"], capsys)
+    assert code == 0
+    assert out.startswith("hello")
+    assert "5 tokens in" in err and "tok/s" in err
+
+
+def test_several_prompts_from_file(mha_ckpt, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo\n\nthree\n")
+    code, out, err = generate(["--model", str(mha_ckpt), "--device", "cpu", "--prompts-file",
+                               str(prompts), "--max-new-tokens", "3", "--ignore-eos"], capsys)
+    assert code == 0
+    assert out.count("--- ") == 3
+    assert "9 tokens in" in err
+
+
+@pytest.fixture
+def broken(tmp_path, mha_ckpt):
+    """Factory: a copy of the tiny checkpoint, damaged by `how`."""
+    def make(how: str):
+        path = tmp_path / how
+        shutil.copytree(mha_ckpt, path)
+        weights = path / "model.safetensors"
+        config = json.loads((path / "config.json").read_text())
+        if how == "truncated":
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif how == "corrupt":
+            weights.write_bytes(b"\x07garbage" * 100)
+        elif how == "architecture":
+            config["architectures"] = ["GPT2LMHeadModel"]
+        elif how == "shapes":
+            config["intermediate_size"] += 8
+        (path / "config.json").write_text(json.dumps(config))
+        return str(path)
+    return make
+
+
+@pytest.mark.parametrize("case, words", [
+    ("missing", "does not exist"),
+    ("truncated", "truncated or corrupt"),
+    ("corrupt", "truncated or corrupt"),
+    ("architecture", "unsupported architecture"),
+    ("shapes", "do not match"),
+    ("long-prompt", "context"),
+    ("empty-prompt", "empty"),
+    ("temperature", "temperature"),
+    ("top-p", "top_p"),
+    ("top-k", "top_k"),
+    ("max-new-tokens", "max_tokens"),
+    ("cpu-fraction", "cpu_fraction"),
+    ("prompts-file", "not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(case, words, broken, mha_ckpt, tmp_path, capsys):
+    model = str(mha_ckpt)
+    extra = []
+    if case == "missing":
+        model = str(tmp_path / "nowhere")
+    elif case in ("truncated", "corrupt", "architecture", "shapes"):
+        model = broken(case)
+    elif case == "long-prompt":
+        extra = ["--prompt", " ".join(["word"] * 400)]
+    elif case == "empty-prompt":
+        extra = ["--prompt", "   "]
+    elif case == "temperature":
+        extra = ["--temperature", "-1"]
+    elif case == "top-p":
+        extra = ["--top-p", "0"]
+    elif case == "top-k":
+        extra = ["--top-k", "-3"]
+    elif case == "max-new-tokens":
+        extra = ["--max-new-tokens", "0"]
+    elif case == "cpu-fraction":
+        extra = ["--policy", "static", "--cpu-fraction", "1.5"]
+    elif case == "prompts-file":
+        extra = ["--prompts-file", str(tmp_path / "none.txt")]
+    code, out, err = generate(["--model", model, "--device", "cpu", *extra], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert words in lines[0]
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "apex_mini.generate", "--model", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_help_names_every_flag():
+    proc = subprocess.run([sys.executable, "-m", "apex_mini.generate", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--model", "--prompt", "--prompts-file", "--max-new-tokens", "--temperature",
+                 "--top-p", "--top-k", "--seed", "--device", "--dtype", "--policy",
+                 "--gpu-kv-blocks", "--cpu-kv-blocks", "--cpu-fraction"):
+        assert flag in proc.stdout

@@ -1,0 +1,214 @@
+"""CPU attention over the host pool: both kernels against a naive reference, and the worker.
+
+The reference gathers each sequence's tokens slot by slot (kv_cache.slots_for), repeats the KV
+heads as Hugging Face's repeat_kv does, and takes a float64 softmax: nothing shared with the
+kernels but the layout.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from apex_mini import cpu_attention as ca
+from apex_mini.kv_cache import slots_for
+
+
+def make_case(context_lens, num_heads, num_kv_heads, head_dim=16, block_size=16,
+              dtype=torch.float32, seed=0, spare_blocks=5):
+    """Random pool, scattered random block tables (unused columns point anywhere), random q."""
+    g = torch.Generator().manual_seed(seed)
+    num_seqs = len(context_lens)
+    width = max(-(-n // block_size) for n in context_lens) + 1      # one column past the longest
+    num_blocks = num_seqs * width + spare_blocks
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
+    tables = torch.randperm(num_blocks, generator=g)[:num_seqs * width].view(num_seqs, width)
+    q = torch.randn(num_seqs, num_heads, head_dim, generator=g).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(context_lens), head_dim ** -0.5
+
+
+def naive(q, k_cache, v_cache, tables, lens, scale):
+    """[num_seqs, H, D] in float64, one sequence at a time."""
+    num_seqs, H, D = q.shape
+    block_size, KVH = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(num_seqs, H, D, dtype=torch.float64)
+    for i in range(num_seqs):
+        slots = torch.tensor(slots_for(tables[i].tolist(), 0, int(lens[i]), block_size))
+        k = k_cache.view(-1, KVH, D)[slots].double().repeat_interleave(H // KVH, dim=1)  # [n, H, D]
+        v = v_cache.view(-1, KVH, D)[slots].double().repeat_interleave(H // KVH, dim=1)
+        probs = (torch.einsum("hd,nhd->hn", q[i].double(), k) * scale).softmax(-1)    # [H, n]
+        out[i] = torch.einsum("hn,nhd->hd", probs, v)
+    return out
+
+
+def max_error(out, ref) -> float:
+    return (out.double() - ref).abs().max().item()
+
+
+# ------------------------------------------------------------------------------ eager
+
+@settings(max_examples=40, deadline=None)
+@given(lens=st.lists(st.integers(1, 100), min_size=1, max_size=6),
+       heads=st.sampled_from([(4, 4), (4, 2), (8, 2), (4, 1)]),          # MHA, GQA 2:1, 4:1, MQA
+       block_size=st.sampled_from([1, 4, 16]), seed=st.integers(0, 2**16))
+def test_eager_matches_reference(lens, heads, block_size, seed):
+    case = make_case(lens, *heads, block_size=block_size, seed=seed)
+    assert max_error(ca.paged_decode_attention_eager(*case), naive(*case)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_half_kv_is_accumulated_in_fp32(dtype, tol):
+    """Output in the cache dtype, but no worse than rounding the fp64 result to that dtype:
+    a half-precision accumulation over hundreds of tokens would be."""
+    case = make_case([700, 333, 17], 8, 2, dtype=dtype, seed=3)
+    out = ca.paged_decode_attention_eager(*case)
+    ref = naive(*case)
+    assert out.dtype == dtype
+    rounding = (ref.to(dtype).double() - ref).abs().max().item()
+    assert max_error(out, ref) <= max(2 * rounding, 1e-6) and max_error(out, ref) < tol
+
+
+def test_unwritten_slots_past_the_context_are_ignored():
+    """Block-table columns past a sequence's length may hold NaN (never written): no effect."""
+    q, k_cache, v_cache, tables, lens, scale = make_case([5, 20], 4, 2, seed=1)
+    ref = naive(q, k_cache, v_cache, tables, lens, scale)
+    for i, n in enumerate(lens.tolist()):          # poison every slot after each sequence's end
+        for t in range(n, tables.shape[1] * k_cache.shape[1]):
+            block, offset = tables[i, t // k_cache.shape[1]], t % k_cache.shape[1]
+            k_cache[block, offset] = float("nan")
+            v_cache[block, offset] = float("nan")
+    out = ca.paged_decode_attention_eager(q, k_cache, v_cache, tables, lens, scale)
+    assert max_error(out, ref) < 1e-5
+
+
+def test_append_kv_writes_exactly_its_slots():
+    q, k_cache, v_cache, tables, lens, scale = make_case([9, 31], 4, 2, seed=2)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    new_k, new_v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    slots = torch.tensor([slots_for(tables[i].tolist(), n, n + 1, 16)[0]
+                          for i, n in enumerate(lens.tolist())])
+    ca.append_kv(k_cache, v_cache, slots, new_k, new_v)
+    flat_k, flat_v = k_cache.view(-1, 2, 16), v_cache.view(-1, 2, 16)
+    assert torch.equal(flat_k[slots], new_k) and torch.equal(flat_v[slots], new_v)
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    untouched[slots] = False
+    assert torch.equal(flat_k[untouched], before_k.view(-1, 2, 16)[untouched])
+    assert torch.equal(flat_v[untouched], before_v.view(-1, 2, 16)[untouched])
+    lens = lens + 1                                # the appended token is now attended to
+    out = ca.paged_decode_attention_eager(q, k_cache, v_cache, tables, lens, scale)
+    assert max_error(out, naive(q, k_cache, v_cache, tables, lens, scale)) < 1e-5
+
+
+def test_empty_batch():
+    q, k_cache, v_cache, tables, lens, scale = make_case([3], 4, 2)
+    out = ca.paged_decode_attention(q[:0], k_cache, v_cache, tables[:0], lens[:0], scale,
+                                    compiled=False)
+    assert out.shape == (0, 4, 16)
+
+
+# ------------------------------------------------------------------------------ compiled
+
+COMPILED_CASES = [          # (lengths, heads, kv heads, dtype, tolerance): one compile per layout
+    ([1, 16, 17, 100, 333], 8, 2, torch.float32, 1e-5),
+    ([2, 49, 130], 8, 2, torch.float32, 1e-5),                # same layout: reuses the graph
+    ([7, 200, 64, 1], 4, 4, torch.float32, 1e-5),             # MHA
+    ([300, 45, 3], 8, 2, torch.bfloat16, 2e-2),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lens,heads,kv_heads,dtype,tol", COMPILED_CASES)
+def test_compiled_matches_reference(lens, heads, kv_heads, dtype, tol):
+    case = make_case(lens, heads, kv_heads, dtype=dtype, seed=len(lens))
+    out = ca.paged_decode_attention_fused(*case)
+    assert out.dtype == dtype and out.shape == case[0].shape
+    assert max_error(out, naive(*case)) < tol
+
+
+@pytest.mark.slow
+def test_compiled_is_the_default_unless_disabled(monkeypatch):
+    """paged_decode_attention(compiled=True) runs the fused kernel; the environment variable
+    forces eager (bit-identical to calling eager directly)."""
+    case = make_case([40, 9], 8, 2, seed=5)
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "1")
+    assert torch.equal(ca.paged_decode_attention(*case, compiled=True),
+                       ca.paged_decode_attention_eager(*case))
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
+    assert torch.equal(ca.paged_decode_attention(*case, compiled=True),
+                       ca.paged_decode_attention_fused(*case))
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch):
+    case = make_case([12, 30], 4, 2, seed=6)
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
+    monkeypatch.setattr(ca, "_COMPILED", ca._Compiled())
+
+    def broken():
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(ca._COMPILED, "get", broken)
+    with pytest.warns(RuntimeWarning, match="using eager from now on"):
+        out = ca.paged_decode_attention(*case, compiled=True)
+    assert torch.equal(out, ca.paged_decode_attention_eager(*case))
+    assert ca._COMPILED.failed
+
+
+# ------------------------------------------------------------------------------ the worker
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_split_decode_equals_one_call(threads):
+    case = make_case([400, 3, 3, 3, 250, 90, 17], 8, 2, seed=7)
+    with ca.CPUAttentionWorker(threads) as worker:
+        out = worker.run_decode(*case, compiled=False)
+    # Not bit-identical: each part trims its tables to its own longest request, which changes
+    # the reductions' blocking, not the math.
+    torch.testing.assert_close(out, ca.paged_decode_attention_eager(*case), rtol=0, atol=1e-6)
+
+
+@given(lens=st.lists(st.integers(1, 5000), min_size=1, max_size=40), parts=st.integers(1, 8))
+def test_split_by_tokens_covers_every_sequence_once(lens, parts):
+    runs = ca.split_by_tokens(torch.tensor(lens), parts)
+    assert 1 <= len(runs) <= parts
+    assert [i for a, b in runs for i in range(a, b)] == list(range(len(lens)))
+
+
+def test_worker_runs_off_the_main_thread():
+    with ca.CPUAttentionWorker(2) as worker:
+        names = {worker.submit(lambda: threading.current_thread().name).result() for _ in range(4)}
+    assert threading.current_thread().name not in names
+    assert all(n.startswith(worker.thread_name_prefix) for n in names)
+
+
+def test_failing_worker_raises_in_the_caller_within_a_second():
+    """A bad block table (too few columns for the lengths) fails inside the worker thread; the
+    caller gets the exception, promptly, and the worker keeps working."""
+    q, k_cache, v_cache, tables, lens, scale = make_case([40, 40], 4, 2)
+    with ca.CPUAttentionWorker(2) as worker:
+        start = time.monotonic()
+        handle = worker.decode_async(q, k_cache, v_cache, tables[:, :1], lens, scale,
+                                     compiled=False)
+        with pytest.raises(Exception):
+            handle.result(timeout=1.0)
+        assert time.monotonic() - start < 1.0
+        assert worker.submit(lambda: 7).result(timeout=1.0) == 7
+
+
+def test_worker_exception_type_reaches_the_caller():
+    with ca.CPUAttentionWorker(1) as worker:
+        def broken():
+            raise ValueError("from the worker")
+        with pytest.raises(ValueError, match="from the worker"):
+            worker.submit(broken).result(timeout=1.0)
+
+
+def test_worker_tasks_run_in_inference_mode():
+    with ca.CPUAttentionWorker(1) as worker:
+        assert worker.submit(torch.is_inference_mode_enabled).result(timeout=1.0)
+
+
+def test_worker_rejects_zero_threads():
+    with pytest.raises(ValueError, match="at least 1"):
+        ca.CPUAttentionWorker(0)

@@ -1,0 +1,231 @@
+"""The decode fast path (decode_step.py, cuda_graphs.py, batch.build_decode_inputs): identical
+greedy tokens with every option on and off, across bucket boundaries, with requests joining and
+leaving, beside the hybrid policies; on CPU, and on CUDA when present."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from apex_mini import LLM, SamplingParams
+from apex_mini.batch import DecodeInputs, build_decode_inputs
+from apex_mini.sequence import GPU, Sequence
+
+os.environ.setdefault("APEX_MINI_EAGER_CPU_ATTENTION", "1")   # compile time is not under test here
+
+CUDA = torch.cuda.is_available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
+
+
+def prompts(vocab: int, lengths=(5, 17, 33, 2, 48, 9)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# Different lengths: requests finish at different steps, so the decode batch shrinks 6 -> 1 and
+# crosses the buckets 8 -> 4 -> 2 -> 1; contexts cross block-width buckets too. Under the
+# static policy (f = 0.5) the longest request is on the device: its last steps are device-only.
+PARAMS = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in (30, 6, 17, 24, 3, 12)]
+
+
+def generate(path, device="cpu", fast=True, **options):
+    """(token lists, engine). fast=False turns the decode step off: every step runs the
+    runner's general layer loop, the reference."""
+    dtype = "float32"
+    llm = LLM(path, device=device, dtype=dtype, **options)
+    if not fast:
+        llm.engine.runner.decode_step = llm.engine.runner.graphs = None
+    try:
+        outs = llm.generate(prompts(384), PARAMS)
+        llm.engine.scheduler.check_integrity()
+        return [o.token_ids for o in outs], llm.engine
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def reference(gqa_llama3_ckpt):
+    tokens, engine = generate(gqa_llama3_ckpt, fast=False, policy="gpu-only", bucket_decode=False)
+    assert not engine.runner.decode_shapes
+    return tokens
+
+
+@pytest.mark.parametrize("options", [
+    dict(bucket_decode=True),
+    dict(bucket_decode=False),
+    dict(policy="static", cpu_fraction=0.5, bucket_decode=True),
+], ids=["buckets", "no-buckets", "static-0.5"])
+def test_fast_path_same_tokens(gqa_llama3_ckpt, reference, options):
+    options.setdefault("policy", "gpu-only")
+    tokens, engine = generate(gqa_llama3_ckpt, **options)
+    assert tokens == reference
+    shapes = engine.runner.decode_shapes
+    assert shapes, "the fast path never ran"
+    rows = {b for b, _ in shapes}
+    if options["policy"] == "gpu-only" and options["bucket_decode"]:
+        assert rows == {1, 2, 4, 8}
+    elif options["policy"] == "gpu-only":
+        assert {3, 5} <= rows                         # exact sizes, no padding
+    else:                                             # mixed steps took the layer loop
+        assert sum(shapes.values()) < sum(1 for r in engine.records if not r.plan.prefills)
+        assert any(r.plan.cpu_decodes for r in engine.records)
+
+
+def test_decode_step_matches_layer_loop(gqa_llama3_ckpt):
+    """Logits of one decode step, fast path vs the general loop, on the same cache."""
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only")
+    engine, runner = llm.engine, llm.engine.runner
+    for ids in prompts(384, (7, 20, 40)):
+        engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    plan, _ = engine.step()                            # the prefills
+    plan = engine.scheduler.schedule()                 # three decodes
+    assert len(plan.gpu_decodes) == 3 and not plan.prefills
+    fast = runner._decode(plan, engine.block_tables())  # [3, vocab]; both write the same K/V
+    batch = runner._build(plan, engine.block_tables())
+    slow = runner.model.logits(runner._forward(batch))
+    llm.close()
+    assert fast.shape == slow.shape == (3, 384)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_requests_join_and_leave_across_buckets(gqa_llama3_ckpt):
+    """3 running -> 5 (two join late) -> 2 (three finish): every request's tokens equal its
+    tokens when it runs alone, and the batch really crossed the 4/8 bucket boundary."""
+    path = gqa_llama3_ckpt
+    ids = prompts(384, (5, 17, 33, 2, 48))
+    steps = [20, 9, 12, 25, 8]
+    alone = []
+    for p, m in zip(ids, steps):
+        out, _ = _alone(path, p, m)
+        alone.append(out)
+    llm = LLM(path, device="cpu", dtype="float32", policy="gpu-only", bucket_decode=True)
+    engine = llm.engine
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in steps]
+    seqs = [engine.add_request(ids[i], params[i]) for i in (0, 1, 2)]
+    sizes = []
+    for step in range(60):
+        if step == 3:                                  # two join while three decode
+            seqs += [engine.add_request(ids[i], params[i]) for i in (3, 4)]
+        if not engine.has_work():
+            break
+        plan, _ = engine.step()
+        if not plan.prefills:
+            sizes.append(len(plan.gpu_decodes))
+    llm.close()
+    assert [s.output_ids for s in seqs] == alone
+    assert 3 in sizes and 5 in sizes and 2 in sizes
+    assert {4, 8} <= {b for b, _ in engine.runner.decode_shapes}
+
+
+def _alone(path, prompt, max_tokens):
+    llm = LLM(path, device="cpu", dtype="float32", policy="gpu-only")
+    llm.engine.runner.decode_step = None
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                ignore_eos=True))[0]
+    llm.close()
+    return out.token_ids, None
+
+
+def test_decode_inputs_pack_and_pad():
+    """One packed tensor; padded rows point at the scratch block only."""
+    params = SamplingParams(temperature=0.0)
+    seqs = [Sequence(i, list(range(1, n + 1)), params, seed=0) for i, n in enumerate((3, 20, 35))]
+    for s in seqs:
+        s.num_computed = s.num_tokens - 1
+    tables = {0: [4], 1: [7, 2], 2: [9, 1, 5]}
+    inputs = build_decode_inputs(seqs, tables, block_size=16, pad_block=99, bucketed=True, pin=False)
+    assert inputs.key == (4, 4) and inputs.num_seqs == 3
+    ids, positions, slots, lens, block_tables = DecodeInputs.views(inputs.packed, 4, 4)
+    assert ids.tolist() == [3, 20, 35, 0]
+    assert positions.tolist() == [2, 19, 34, 0]
+    assert slots.tolist() == [4 * 16 + 2, 2 * 16 + 3, 5 * 16 + 2, 99 * 16]
+    assert lens.tolist() == [3, 20, 35, 1]
+    assert block_tables.tolist() == [[4, 99, 99, 99], [7, 2, 99, 99], [9, 1, 5, 99], [99] * 4]
+    exact = build_decode_inputs(seqs, tables, 16, 99, bucketed=False, pin=False)
+    assert exact.key == (3, 3)
+
+
+@pytest.mark.slow
+def test_compiled_decode_same_tokens(gqa_llama3_ckpt):
+    """torch.compile of the decode step: same greedy tokens. Kept to one static shape (equal
+    prompts, short outputs), since each new shape costs a compile."""
+    ids = prompts(384, (6, 6))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for compiled in (False, True):
+        llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only",
+                  compile_decode=compiled)
+        assert llm.engine.runner.decode_step.compiled == compiled
+        outs[compiled] = [o.token_ids for o in llm.generate(ids, params)]
+        llm.close()
+    assert outs[True] == outs[False]
+
+
+# ------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.parametrize("options", [
+    dict(cuda_graphs=True),
+    dict(cuda_graphs=False),
+    dict(cuda_graphs=True, bucket_decode=False),
+    dict(cuda_graphs=True, policy="static", cpu_fraction=0.5),
+], ids=["graphs", "no-graphs", "graphs-no-buckets", "graphs-static-0.5"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_same_tokens(gqa_llama3_ckpt, options):
+    options.setdefault("policy", "gpu-only")
+    ref, _ = generate(gqa_llama3_ckpt, "cuda", fast=False, policy="gpu-only", bucket_decode=False,
+                      cuda_graphs=False)
+    tokens, engine = generate(gqa_llama3_ckpt, "cuda", **options)
+    assert tokens == ref
+    graphs = engine.runner.graphs
+    assert (graphs is not None) == options["cuda_graphs"]
+    if graphs is not None:
+        assert graphs.num_graphs == len(engine.runner.decode_shapes) >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_matches_eager_logits(gqa_llama3_ckpt):
+    llm = LLM(gqa_llama3_ckpt, device="cuda", dtype="float32", policy="gpu-only", cuda_graphs=True)
+    engine, runner = llm.engine, llm.engine.runner
+    for ids in prompts(384, (7, 20, 40)):
+        engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    engine.step()                                      # prefills
+    plan = engine.scheduler.schedule()
+    inputs = build_decode_inputs(plan.gpu_decodes, engine.block_tables()[GPU], runner.block_size,
+                                 runner.scratch_block, True, pin=True)
+    with torch.inference_mode():
+        eager = runner.decode_step(inputs).clone()
+        graphed = runner.graphs.run(inputs).clone()
+        again = runner.graphs.run(inputs).clone()     # a replay, not the capture
+    llm.close()
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert torch.equal(graphed, again)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cpu_attention_overlaps_gpu_work(gqa_llama3_ckpt):
+    """Hybrid steps stay outside the graphs and keep their overlap: the worker starts a layer's
+    CPU attention before the main thread, having queued that layer's device work, arrives at
+    the layer's join."""
+    llm = LLM(gqa_llama3_ckpt, device="cuda", dtype="float32", policy="static", cpu_fraction=0.5,
+              cuda_graphs=True)
+    runner = llm.engine.runner
+    runner.timeline = []
+    llm.generate(prompts(384), PARAMS)
+    llm.close()
+    last = {}
+    overlapped = []
+    for what, layer, t in runner.timeline:
+        if what == "launch":
+            last.pop(("cpu_start", layer), None)
+        elif what == "cpu_start":
+            last[("cpu_start", layer)] = t
+        elif what == "join":
+            overlapped.append(last.get(("cpu_start", layer), float("inf")) < t)
+    assert overlapped
+    assert sum(overlapped) >= 0.5 * len(overlapped)
+    assert runner.graphs.num_graphs >= 1              # device-only steps did replay graphs

@@ -1,0 +1,114 @@
+"""Every policy (gpu-only, static, neo, apex) gives the same greedy tokens on the same requests
+(fp32, tiny checkpoint), also with a device tier so small that neo and apex put requests in
+host memory, swap them and defer them. The predictor is a fake, so the choices are known."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from apex_mini import LLM, SamplingParams
+from apex_mini.config import EngineConfig
+from apex_mini.cost_tables import BatchShape
+from apex_mini.engine import load_engine
+from apex_mini.plan import Strategy
+from apex_mini.sequence import CPU, GPU
+
+os.environ.setdefault("APEX_MINI_EAGER_CPU_ATTENTION", "1")
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+class CheapHost:
+    """Every row adds a little time, host work a little more, pipelining more still: host plans
+    always raise throughput, so neo pipelines and apex overlaps (within a loose bound)."""
+
+    def iteration_time(self, shape: BatchShape, strategy: Strategy) -> float:
+        t = 1.0 + 0.01 * shape.num_tokens + 0.02 * shape.n_cpu_decodes
+        return t + (0.2 if strategy is Strategy.PIPELINE else 0.0)
+
+
+class CostlyHost:
+    """Host work costs far more than it brings: apex never offloads, and so runs as gpu-only
+    (requests wait, or are preempted, when the device is full)."""
+
+    def iteration_time(self, shape: BatchShape, strategy: Strategy) -> float:
+        host = shape.n_cpu_decodes or shape.n_host_prefill_tokens
+        return 1.0 + 0.01 * shape.num_tokens + (100.0 if host else 0.0)
+
+
+class CostlyBesidePrefill:
+    """Host decodes pay in decode-only iterations but cost far more than they bring beside a
+    prefill: apex offloads requests, then defers them whenever an iteration prefills, until
+    the starvation guard or a swap-in lets them run."""
+
+    def iteration_time(self, shape: BatchShape, strategy: Strategy) -> float:
+        host = shape.n_cpu_decodes or shape.n_host_prefill_tokens
+        extra = (100.0 if shape.prefill_tokens else 0.02 * shape.n_cpu_decodes) if host else 0.0
+        return 1.0 + 0.01 * shape.num_tokens + extra
+
+
+def prompts(vocab: int, lengths=(5, 17, 33, 2, 48, 9)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run(path, predictor=None, **options):
+    cfg = EngineConfig(device="cpu", dtype="float32", **options)
+    llm = LLM.from_engine(load_engine(str(path), cfg, predictor))
+    try:
+        outs = llm.generate(prompts(384), GREEDY)
+        llm.engine.scheduler.check_integrity()
+        return [o.token_ids for o in outs], llm.engine
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def reference(gqa_llama3_ckpt):
+    tokens, _ = run(gqa_llama3_ckpt, policy="gpu-only")
+    return tokens
+
+
+CASES = {
+    "gpu-only-tight": (dict(policy="gpu-only", gpu_kv_blocks=8), None),
+    "static": (dict(policy="static", cpu_fraction=0.5), None),
+    "neo": (dict(policy="neo", gpu_kv_blocks=6), CheapHost()),
+    "apex": (dict(policy="apex", gpu_kv_blocks=6, latency_margin=1.0), CheapHost()),
+    "apex-defers": (dict(policy="apex", gpu_kv_blocks=6), CostlyBesidePrefill()),
+    "apex-costly-host": (dict(policy="apex", gpu_kv_blocks=6), CostlyHost()),
+    "apex-roomy": (dict(policy="apex"), CheapHost()),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_same_tokens_under_every_policy(gqa_llama3_ckpt, reference, case):
+    options, predictor = CASES[case]
+    tokens, engine = run(gqa_llama3_ckpt, predictor, **options)
+    assert tokens == reference
+    records = engine.records
+    if options["policy"] in ("neo", "apex"):
+        assert all(r.plan.predicted_s is not None and r.plan.reason for r in records)
+    strategies = {r.plan.strategy for r in records}
+    swaps = [s for r in records for s in r.plan.swaps]
+    if case == "neo":
+        assert Strategy.PIPELINE in strategies and any(r.plan.cpu_decodes for r in records)
+    if case == "apex":
+        assert Strategy.OVERLAP in strategies and any(r.plan.cpu_decodes for r in records)
+        assert any(s.dst_tier == GPU for s in swaps)           # host requests came back
+    if case == "apex-defers":
+        assert any("deferred" in r.plan.reason for r in records)
+        assert any(s.dst_tier == GPU for s in swaps) or any("starvation" in r.plan.reason for r in records)
+    if case == "apex-costly-host":
+        assert not any(r.plan.uses_host for r in records) and not swaps
+        assert any(r.plan.preempted for r in records)          # the device is tight
+    if case == "apex-roomy":                                    # everything fits the device
+        assert strategies == {Strategy.GPU_ONLY} and not swaps
+
+
+def test_apex_host_placement_when_device_is_full(gqa_llama3_ckpt):
+    _, engine = run(gqa_llama3_ckpt, CheapHost(), policy="apex", gpu_kv_blocks=6, latency_margin=1.0)
+    placed_on_host = [r for r in engine.records if r.shape.n_host_prefill_tokens]
+    moved = [s for r in engine.records for s in r.plan.swaps if s.dst_tier == CPU]
+    assert placed_on_host or moved

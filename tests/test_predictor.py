@@ -1,0 +1,256 @@
+"""The profiler's tables and the predictor: JSON round trip, stale profiles measured again,
+interpolation exact at table points, the error report's arithmetic, and the real thing on this
+machine (a quick profile of the tiny shape and the profile CLI's report; accuracy is printed,
+not asserted)."""
+from __future__ import annotations
+
+import json
+import random
+import types
+
+import pytest
+import torch
+
+from apex_mini import profiler
+from apex_mini.config import EngineConfig
+from apex_mini.cost_tables import PROFILE_VERSION, BatchShape, Profile
+from apex_mini.plan import Plan, Strategy
+from apex_mini.predictor import Grid2D, Predictor, interp1
+from apex_mini.weights import MODEL_SHAPES
+
+
+@pytest.fixture(autouse=True)
+def eager_and_private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "1")
+    monkeypatch.setenv("APEX_MINI_CACHE", str(tmp_path_factory.getbasetemp() / "apex_cache"))
+
+
+def sample_profile(key=None, **changes) -> Profile:
+    p = Profile(key=key or {"device": "cuda", "block_size": 16}, num_layers=4,
+                linear=[[1, 1e-3], [8, 2e-3], [64, 10e-3]],
+                prefill_attn=[[16, 1e-4], [256, 4e-3]],
+                gpu_decode_attn=[[1, 64, 1e-4], [1, 1024, 5e-4], [8, 1024, 8e-4], [8, 8192, 3e-3]],
+                cpu_decode_attn=[[1, 64, 1e-3], [1, 1024, 5e-3], [8, 1024, 9e-3], [8, 8192, 4e-2]],
+                d2h=[[1024, 1e-5], [1 << 20, 1e-4]], h2d=[[1024, 1e-5], [1 << 20, 2e-4]],
+                lm_head=[[1, 1e-4], [64, 1e-3]], overhead=2e-3, bytes_per_token_row=512,
+                kv_block_bytes=4096, host_job_s=2e-5)
+    for name, value in changes.items():
+        setattr(p, name, value)
+    return p
+
+
+# ------------------------------------------------------------------------------- JSON and cache
+
+def test_profile_json_round_trip(tmp_path):
+    p = sample_profile(key={"device": "cpu", "model": {"hidden_size": 64}}, overlap_slowdown=0.7)
+    p.to_json(tmp_path / "p.json")
+    assert Profile.from_json(tmp_path / "p.json") == p
+
+
+def fake_engine(path, dtype=torch.float32):
+    cfg = EngineConfig(device="cpu", profile_path=str(path))
+    return types.SimpleNamespace(cfg=cfg, model_config=MODEL_SHAPES["tiny"], dtype=dtype,
+                                 device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("damage", ["missing", "version", "key", "garbage", "current"])
+def test_stale_or_mismatched_profile_is_measured_again(tmp_path, monkeypatch, damage):
+    path = tmp_path / "profile.json"
+    engine = fake_engine(path)
+    key = profiler.engine_key(engine)
+    stored = sample_profile(key=dict(key))
+    if damage != "missing":
+        stored.to_json(path)
+    if damage == "version":
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "version": PROFILE_VERSION - 1}))
+    elif damage == "key":
+        other = profiler.engine_key(fake_engine(path, dtype=torch.bfloat16))
+        sample_profile(key=other).to_json(path)
+    elif damage == "garbage":
+        path.write_text("{not json")
+    fresh = sample_profile(key=dict(key), overhead=42.0)
+    calls = []
+    monkeypatch.setattr(profiler, "profile_engine",
+                        lambda eng, grid, progress: calls.append(eng) or fresh)
+    predictor = profiler.predictor_for_engine(engine, progress=False)
+    if damage == "current":
+        assert not calls and predictor.profile == stored
+    else:
+        assert calls == [engine] and predictor.profile.overhead == 42.0
+        assert Profile.from_json(path).overhead == 42.0          # the new one was saved
+
+
+def test_key_names_the_difference(tmp_path):
+    path = tmp_path / "p.json"
+    key = profiler.engine_key(fake_engine(path))
+    sample_profile(key={**key, "torch_threads": 99}).to_json(path)
+    profile, why = profiler.load_profile(path, key)
+    assert profile is None and "torch_threads" in why
+    assert profiler.key_hash(key) != profiler.key_hash({**key, "torch_threads": 99})
+
+
+# ------------------------------------------------------------------------------- interpolation
+
+def test_interp1_exact_at_points_and_linear_outside():
+    rng = random.Random(0)
+    xs = sorted(rng.sample(range(1, 5000), 8))
+    table = [[x, rng.uniform(0.1, 9.0)] for x in xs]
+    for x, y in table:
+        assert interp1(table, x) == pytest.approx(y)
+    (x0, y0), (x1, y1) = table[-2:]
+    assert interp1(table, x1 + 100) == pytest.approx(y1 + (y1 - y0) / (x1 - x0) * 100)
+    (x0, y0), (x1, y1) = table[:2]
+    mid = (x0 + x1) / 2
+    assert interp1(table, mid) == pytest.approx((y0 + y1) / 2)
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_grid2d_exact_at_points(ragged):
+    rng = random.Random(1)
+    points = [[n, kv, rng.uniform(1e-4, 1e-2)] for n in (1, 4, 16) for kv in (64, 256, 1024)
+              if not (ragged and n == 16 and kv == 64)]
+    grid = Grid2D(points)
+    for n, kv, y in points:
+        assert grid(n, kv) == pytest.approx(y)
+    # Bilinear: the centre of a full cell is the mean of its corners.
+    corners = [grid(a, b) for a in (4, 16) for b in (256, 1024)]
+    assert grid(10, 640) == pytest.approx(sum(corners) / 4)
+
+
+def test_iteration_time_from_table_points():
+    p = sample_profile()
+    pred = Predictor(p)
+    shape = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024)
+    expected = 4 * (2e-3 + 8e-4) + interp1(p.lm_head, 8) + p.overhead
+    assert pred.iteration_time(shape, Strategy.GPU_ONLY) == pytest.approx(expected)
+    # Overlap on a real device: the host side (rows down, worker job, output up) hides behind
+    # the device's attention, or the device's behind it, whichever is longer.
+    both = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024, n_cpu_decodes=1, cpu_decode_kv=64)
+    row = p.bytes_per_token_row
+    host = interp1(p.d2h, row) + p.host_job_s + 1e-3 + interp1(p.h2d, row * pred.up_share)
+    expected = 4 * (interp1(p.linear, 9) + max(8e-4, host)) + interp1(p.lm_head, 9) + p.overhead
+    assert pred.iteration_time(both, Strategy.OVERLAP) == pytest.approx(expected)
+    assert pred.breakdown(both, Strategy.OVERLAP)["total_s"] == pytest.approx(expected)
+
+
+def test_decode_only_iterations_come_from_their_measured_table():
+    """A decode-only, device-only plan runs the static decode step: the `decode_iteration`
+    table predicts it whole (at the bucketed batch), plus swaps; any other plan still adds up
+    the per-layer pieces."""
+    table = [[1, 64, 1e-3], [1, 1024, 2e-3], [8, 1024, 4e-3], [8, 8192, 9e-3]]
+    p = sample_profile(decode_iteration=table)
+    pred = Predictor(p, bucket_decode=True)
+    assert pred.iteration_time(BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024),
+                               Strategy.GPU_ONLY) == pytest.approx(4e-3)
+    # 5 rows pad to 8; 5 sequences of 128 tokens read 640 rows of KV.
+    five = BatchShape(n_gpu_decodes=5, gpu_decode_kv=640, gpu_decode_max_kv=128)
+    assert pred.iteration_time(five, Strategy.GPU_ONLY) == pytest.approx(Grid2D(table)(8, 640))
+    swapping = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024, swap_in_blocks=2)
+    assert pred.iteration_time(swapping, Strategy.GPU_ONLY) == pytest.approx(
+        4e-3 + interp1(p.h2d, 2 * p.kv_block_bytes))
+    with_prefill = BatchShape(prefill_tokens=(16,), prefill_context=(16,), n_gpu_decodes=8,
+                              gpu_decode_kv=1024)
+    assert pred.iteration_time(with_prefill, Strategy.GPU_ONLY) == pytest.approx(
+        Predictor(sample_profile(), bucket_decode=True).iteration_time(with_prefill, Strategy.GPU_ONLY))
+
+
+def test_cpu_device_overlap_is_additive():
+    key = {"device": "cpu", "block_size": 16}
+    both = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024, n_cpu_decodes=8, cpu_decode_kv=1024)
+    on_gpu = Predictor(sample_profile()).breakdown(both, Strategy.OVERLAP)
+    on_cpu = Predictor(sample_profile(key=key, overlap_slowdown=1.0)).breakdown(both, Strategy.OVERLAP)
+    assert on_cpu["xfer_s"] == 0.0                       # the runner copies nothing
+    assert on_cpu["layers_s"] == pytest.approx(on_cpu["linear_s"] + on_cpu["gpu_decode_attn_s"]
+                                               + on_cpu["cpu_decode_attn_s"])
+    assert on_gpu["layers_s"] < on_gpu["linear_s"] + on_gpu["gpu_decode_attn_s"] + on_gpu["cpu_decode_attn_s"]
+
+
+def test_pipeline_reads_weights_twice_and_hides_cpu_work():
+    pred = Predictor(sample_profile())
+    shape = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024, n_cpu_decodes=8, cpu_decode_kv=1024)
+    pipe = pred.breakdown(shape, Strategy.PIPELINE)
+    merged = pred.breakdown(shape, Strategy.OVERLAP)
+    assert pipe["linear_s"] > merged["linear_s"]
+    assert pipe["layers_s"] >= pipe["linear_s"]
+    # A lone host decode is not split by the runner: predicted as overlap.
+    lone = BatchShape(n_cpu_decodes=1, cpu_decode_kv=64)
+    assert pred.iteration_time(lone, Strategy.PIPELINE) == pred.iteration_time(lone, Strategy.OVERLAP)
+
+
+# ------------------------------------------------------------------------------- error report
+
+class Rec:
+    def __init__(self, shape, strategy, measured):
+        self.shape, self.plan, self.measured_s = shape, Plan(strategy=strategy), measured
+
+
+def test_error_report_math():
+    pred = Predictor(sample_profile())
+    shape = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024)
+    t = pred.iteration_time(shape, Strategy.GPU_ONLY)
+    errors = [0.0, 0.1, 0.2, 0.3, 0.5]
+    recs = [Rec(shape, Strategy.GPU_ONLY, t / (1 + e)) for e in errors]       # |t - m| / m = e
+    both = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024, n_cpu_decodes=2, cpu_decode_kv=128)
+    t2 = pred.iteration_time(both, Strategy.OVERLAP)
+    recs += [Rec(both, Strategy.OVERLAP, t2 / 0.8)]                            # e = 0.2
+    report = pred.error_report(recs)
+    assert report["n"] == 6
+    assert report["median_rel_error"] == pytest.approx(0.2)
+    assert report["p90_rel_error"] == pytest.approx(0.3)       # nearest rank of 6 errors
+    g = report["by_strategy"]["gpu-only"]
+    assert g["n"] == 5 and g["median_rel_error"] == pytest.approx(0.2)
+    assert g["p90_rel_error"] == pytest.approx(0.5)
+    assert report["by_strategy"]["overlap"]["median_rel_error"] == pytest.approx(0.2)
+    assert pred.error_report([])["median_rel_error"] is None
+
+
+# ------------------------------------------------------------------------------- on this machine
+
+def test_engine_profiles_once_then_reuses(monkeypatch):
+    from apex_mini.engine import Engine
+    from apex_mini.weights import random_model
+    model = random_model("tiny", torch.float32, "cpu")
+    cfg = EngineConfig(device="cpu", dtype="float32", policy="apex", gpu_kv_blocks=8, cpu_kv_blocks=64)
+    first = Engine(model, cfg)
+    first.close()
+    path = profiler.cache_path(profiler.engine_key(first))
+    assert path.is_file() and first.predictor.profile.source == "measured"
+    p = first.predictor.profile
+    assert p.overhead >= 0 and p.linear and p.cpu_decode_attn and p.kv_block_bytes
+
+    def boom(*a, **k):
+        raise AssertionError("profiled again")
+    monkeypatch.setattr(profiler, "profile_engine", boom)
+    second = Engine(model, cfg)
+    second.close()
+    assert second.predictor.profile == Profile.from_json(path)
+
+
+def test_profile_cli_report(tmp_path, capsys):
+    """The predictor's error on this machine, through the profile CLI; shown, not asserted."""
+    from apex_mini.profile import main
+    out = tmp_path / "report.json"
+    assert main(["--model-shape", "tiny", "--device", "cpu", "--quick", "--reuse", "--report",
+                 "--json", str(out), "--requests", "6", "--no-progress", "--show", "3"]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] > 0 and set(report["by_strategy"]) >= {"gpu-only", "overlap", "pipeline"}
+    assert report["decisions"] and all(d["predicted_ms"] > 0 for d in report["decisions"])
+    with capsys.disabled():
+        print(f"\npredictor on this machine (tiny shape): median error "
+              f"{100 * report['median_rel_error']:.1f}%, p90 {100 * report['p90_rel_error']:.1f}% "
+              f"over {report['n']} iterations")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_profile_and_report_on_cuda(tmp_path):
+    """CUDA events, pinned copies and the copy stream in the profiler; the report on a GPU."""
+    from apex_mini.profile import main
+    out = tmp_path / "report.json"
+    assert main(["--model-shape", "tiny", "--device", "cuda", "--dtype", "float16", "--quick",
+                 "--report", "--json", str(out), "--requests", "6", "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["profile_key"]["device"] == "cuda" and report["n"] > 0
+    print(f"predictor on {report['profile_key']['device_name']}: median error "
+          f"{100 * report['median_rel_error']:.1f}%")

@@ -1,0 +1,351 @@
+"""The scheduler and the predictive policies (apex, neo), with a FAKE predictor: no model, no
+tensors, only `Scheduler`, `BlockManager` and `Sequence` objects.
+
+The fake is the design's cost model: per layer a linear pass of fixed time L (decode is
+memory-bound: one weight read whatever the batch), device attention g per device request, host
+attention R*g per host request (R = the GPU-to-CPU attention speed ratio), so
+
+    GPU-only   L + G                      G = g * n_gpu
+    overlap    L + max(G, C)              C = R * g * n_cpu
+    pipeline   max(2L + G, C)             weights read twice; the CPU hides behind both halves
+
+Filling the pipeline's CPU window gives more tokens/s than GPU-only only while
+R < 2L/G + 3 + G/L, the threshold quoted in design.md.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from apex_mini.config import EngineConfig
+from apex_mini.cost_tables import BatchShape
+from apex_mini.kv_cache import BlockManager
+from apex_mini.plan import Plan, Strategy
+from apex_mini.policies import GpuOnlyPolicy
+from apex_mini.predictive_policies import PATIENCE, ApexPolicy, NeoPolicy, make_predictive_policy
+from apex_mini.predictor import pipelines
+from apex_mini.sampling import SamplingParams
+from apex_mini.scheduler import Scheduler
+from apex_mini.sequence import CPU, GPU, Sequence, Status
+
+BS = 16
+
+
+class DesignModel:
+    """The fake predictor of the module docstring (times in arbitrary units)."""
+
+    def __init__(self, L=1.0, g=0.1, R=4.0, host_fixed=0.0):
+        self.L, self.g, self.R, self.host_fixed = L, g, R, host_fixed
+        self.calls = 0
+
+    def iteration_time(self, shape: BatchShape, strategy: Strategy) -> float:
+        self.calls += 1
+        if shape.num_tokens == 0:
+            return 0.0
+        G = self.g * shape.n_gpu_decodes
+        host = shape.n_cpu_decodes or shape.n_host_prefill_tokens
+        C = self.R * self.g * shape.n_cpu_decodes + (self.host_fixed if host else 0.0)
+        if strategy is Strategy.PIPELINE and pipelines(shape):
+            return max(2 * self.L + G, C)
+        return self.L + max(G, C)
+
+
+class TableModel:
+    """A random fake cost table: per layer a + b*tokens linear, decode attention per KV token on
+    each side, a host-job cost, per-iteration overhead; overlap = max, pipeline = two halves."""
+
+    def __init__(self, rng: random.Random):
+        u = rng.uniform
+        self.a, self.b = u(0.1, 2.0), u(0.0, 0.05)
+        self.gk, self.ck = u(1e-5, 1e-3), u(1e-5, 1e-2)
+        self.job, self.over, self.layers = u(0.0, 0.5), u(0.0, 3.0), rng.randint(1, 8)
+
+    def lin(self, t):
+        return self.a + self.b * t if t else 0.0
+
+    def iteration_time(self, s: BatchShape, strategy: Strategy) -> float:
+        if s.num_tokens == 0:
+            return 0.0
+        dev = self.gk * s.gpu_decode_kv + 1e-4 * sum(s.prefill_tokens) ** 2
+        host = (self.job + self.ck * s.cpu_decode_kv) if (s.n_cpu_decodes or s.n_host_prefill_tokens) else 0.0
+        if strategy is Strategy.PIPELINE and pipelines(s):
+            half = s.n_cpu_decodes // 2
+            lin = self.lin(s.num_tokens - s.n_cpu_decodes + half) + self.lin(s.n_cpu_decodes - half)
+            layer = max(lin + dev, host)
+        else:
+            layer = self.lin(s.num_tokens) + max(dev, host)
+        return self.over + self.layers * layer
+
+
+# ------------------------------------------------------------------------------- helpers
+
+def cfg(margin=0.1) -> EngineConfig:
+    return EngineConfig(device="cpu", latency_margin=margin)
+
+
+def make_sched(policy, gpu_blocks=64, cpu_blocks=256, max_num_seqs=256, budget=2048):
+    return Scheduler(policy, BlockManager(gpu_blocks, BS, GPU), BlockManager(cpu_blocks, BS, CPU),
+                     max_num_seqs, budget, max_model_len=100_000)
+
+
+_ids = iter(range(10**9))
+
+
+def new_seq(prompt_len: int, max_tokens: int = 8) -> Sequence:
+    return Sequence(next(_ids), [5] * prompt_len,
+                    SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), seed=0)
+
+
+def decoding(sched, tier: str, ctx: int = 40, max_tokens: int = 1000) -> Sequence:
+    """A running request whose `ctx - 1` tokens are cached in `tier`: its next step decodes
+    (and needs a new block when ctx - 1 is a multiple of the block size)."""
+    s = new_seq(ctx, max_tokens)
+    s.status, s.tier, s.num_computed = Status.RUNNING, tier, ctx - 1
+    sched.blocks[tier].grow(s.seq_id, ctx - 1)
+    sched.running.append(s)
+    return s
+
+
+def fake_tokens(plan: Plan) -> list[int]:
+    return [7 for s, n in plan.scheduled if s.num_computed + n == s.num_tokens]
+
+
+def step(sched) -> Plan:
+    plan = sched.schedule()
+    sched.finish(plan, fake_tokens(plan))
+    sched.check_integrity()
+    return plan
+
+
+def threshold(L: float, G: float) -> float:
+    return 2 * L / G + 3 + G / L
+
+
+# ------------------------------------------------------------------------------- strategy choice
+
+@pytest.mark.parametrize("L,G", [(1.0, 1.0), (1.0, 0.25), (0.5, 2.0)])
+@pytest.mark.parametrize("side", [0.7, 1.4])
+def test_neo_pipelines_only_below_threshold(L, G, side):
+    n_gpu = 16
+    R = side * threshold(L, G)
+    model = DesignModel(L=L, g=G / n_gpu, R=R)
+    sched = make_sched(NeoPolicy(cfg(), model), gpu_blocks=64, cpu_blocks=4096)
+    for _ in range(n_gpu):
+        decoding(sched, GPU)
+    for _ in range(200):
+        decoding(sched, CPU)
+    plan = sched.schedule()
+    expected = Strategy.PIPELINE if side < 1 else Strategy.GPU_ONLY
+    assert plan.strategy is expected, plan.reason
+    assert bool(plan.cpu_decodes) == (side < 1)
+    assert plan.predicted_s == pytest.approx(model.iteration_time(BatchShape.from_plan(plan), plan.strategy))
+
+
+@pytest.mark.parametrize("L,G", [(1.0, 1.0), (1.0, 0.25)])
+@pytest.mark.parametrize("side", [0.7, 1.4])
+def test_apex_picks_overlap_unless_pipelining_pays(L, G, side):
+    """With no latency bound, apex pipelines only where that beats overlap (R < 1 + 2L/G in
+    this model) and otherwise overlaps; both beat GPU-only here."""
+    n_gpu = 16
+    R = side * (1 + 2 * L / G)
+    model = DesignModel(L=L, g=G / n_gpu, R=R)
+    sched = make_sched(ApexPolicy(cfg(margin=100.0), model), gpu_blocks=64, cpu_blocks=4096)
+    for _ in range(n_gpu):
+        decoding(sched, GPU)
+    for _ in range(200):
+        decoding(sched, CPU)
+    plan = sched.schedule()
+    assert plan.strategy is (Strategy.PIPELINE if side < 1 else Strategy.OVERLAP), plan.reason
+    assert plan.cpu_decodes
+
+
+def test_latency_bound_keeps_apex_from_slow_plans():
+    """Pipelining would win on throughput, but its iteration is 2L + G vs L + G: over a 10%
+    bound. Apex overlaps instead, within the bound."""
+    model = DesignModel(L=1.0, g=1.0 / 16, R=1.0)
+    sched = make_sched(ApexPolicy(cfg(margin=0.1), model), cpu_blocks=4096)
+    for _ in range(16):
+        decoding(sched, GPU)
+    for _ in range(200):
+        decoding(sched, CPU)
+    plan = sched.schedule()
+    t_gpu = model.L + 16 * model.g
+    assert plan.strategy is Strategy.OVERLAP
+    assert plan.predicted_s <= 1.1 * t_gpu + 1e-12
+
+
+def test_host_work_that_never_pays_is_deferred_then_guarded():
+    """A fixed host cost far above the bound: apex runs GPU-only, deferring the host request,
+    until the starvation guard lets it run after PATIENCE deferrals."""
+    model = DesignModel(L=1.0, g=0.01, R=1.0, host_fixed=50.0)
+    sched = make_sched(ApexPolicy(cfg(), model), gpu_blocks=8)
+    dev = [decoding(sched, GPU, ctx=20) for _ in range(3)]
+    host = decoding(sched, CPU, ctx=20)
+    strategies = []
+    for _ in range(PATIENCE + 1):
+        plan = step(sched)
+        strategies.append(plan.strategy)
+        assert plan.predicted_s is not None and plan.reason
+    assert strategies[:PATIENCE] == [Strategy.GPU_ONLY] * PATIENCE
+    assert strategies[PATIENCE] is not Strategy.GPU_ONLY and "starvation" in plan.reason
+    assert host.num_output == 1 and all(s.num_output == PATIENCE + 1 for s in dev)
+
+
+# ------------------------------------------------------------------------------- tier mechanics
+
+def test_new_requests_go_to_device_then_host():
+    sched = make_sched(ApexPolicy(cfg(), DesignModel(R=1.0)), gpu_blocks=5, cpu_blocks=64)
+    a, b = new_seq(40), new_seq(40)          # 3 blocks each: the second does not fit the device
+    sched.add(a)
+    sched.add(b)
+    plan = sched.schedule()
+    assert (a.tier, b.tier) == (GPU, CPU)
+    assert [s for s, _ in plan.prefills] == [a, b]
+    assert plan.strategy is Strategy.OVERLAP       # the host prefill appends KV on the CPU
+
+
+def test_fcfs_admission_never_skips():
+    sched = make_sched(ApexPolicy(cfg(), DesignModel()), gpu_blocks=4, cpu_blocks=4)
+    decoding(sched, GPU, ctx=40)                   # 3 of 4 device blocks
+    decoding(sched, CPU, ctx=40)                   # 3 of 4 host blocks
+    big, small = new_seq(40), new_seq(5)
+    sched.add(big)
+    sched.add(small)
+    plan = sched.schedule()
+    assert not plan.prefills                       # `small` would fit, but `big` is first
+    assert list(sched.waiting) == [big, small]
+
+
+def test_new_request_waits_when_the_host_cannot_pay():
+    """Host attention 50x slower than the device's: a host plan breaks the latency bound, so
+    the request that does not fit the device waits, as under GPU-only, instead of sitting on
+    the host."""
+    sched = make_sched(ApexPolicy(cfg(), DesignModel(R=50.0)), gpu_blocks=5, cpu_blocks=64)
+    a, b = new_seq(40), new_seq(40)
+    sched.add(a)
+    sched.add(b)
+    plan = sched.schedule()
+    assert a.tier == GPU and b.status is Status.WAITING and list(sched.waiting) == [b]
+    assert [s for s, _ in plan.prefills] == [a] and not plan.uses_host
+
+
+@pytest.mark.parametrize("R,moved", [(1.0, True), (50.0, False)])
+def test_swap_out_on_overflow(R, moved):
+    """The newest device request makes room: it moves to the host when host decoding pays,
+    else it is preempted (recomputed later), as under GPU-only."""
+    sched = make_sched(ApexPolicy(cfg(), DesignModel(R=R)), gpu_blocks=4, cpu_blocks=64)
+    old = decoding(sched, GPU, ctx=33)             # 2 blocks, full
+    new = decoding(sched, GPU, ctx=33)             # 2 blocks, full: next token needs a block each
+    plan = sched.schedule()
+    if moved:
+        assert [(s.seq, s.dst_tier) for s in plan.swaps] == [(new, CPU)]
+        assert old.tier == GPU and new.tier == CPU and not plan.preempted
+        assert not any(s.dst_tier == GPU for s in plan.swaps)      # never both in one iteration
+    else:
+        assert not plan.swaps and plan.preempted == [new] and new.status is Status.WAITING
+        assert old.tier == GPU and plan.gpu_decodes == [old]
+    sched.check_integrity()
+
+
+def test_swap_in_when_room_frees():
+    sched = make_sched(ApexPolicy(cfg(), DesignModel()), gpu_blocks=16, cpu_blocks=64)
+    host = decoding(sched, CPU, ctx=40)
+    plan = sched.schedule()
+    assert [(s.seq, s.dst_tier) for s in plan.swaps] == [(host, GPU)]
+    assert plan.gpu_decodes == [host] and plan.strategy is Strategy.GPU_ONLY
+    sched.check_integrity()
+
+
+def test_preempt_when_both_tiers_full():
+    sched = make_sched(ApexPolicy(cfg(), DesignModel()), gpu_blocks=2, cpu_blocks=2)
+    a = decoding(sched, GPU, ctx=17)
+    b = decoding(sched, GPU, ctx=17)               # device full; both need a new block
+    c = decoding(sched, CPU, ctx=32)               # host full (c itself still has room)
+    plan = sched.schedule()
+    assert plan.preempted and b in plan.preempted and b.status is Status.WAITING
+    assert sched.waiting[0] is b and b.num_computed == 0
+    assert {a, b, c} <= set(sched.running) | set(sched.waiting)   # nobody lost
+    sched.check_integrity()
+
+
+# ------------------------------------------------------------------------------- properties
+
+class Recording(ApexPolicy):
+    """Apex that also remembers, per call, the GPU-only plan it was compared with."""
+
+    def choose(self, plan, sched):
+        dev = Plan(prefills=[(s, n) for s, n in plan.prefills if s.tier == GPU],
+                   gpu_decodes=list(plan.gpu_decodes), swaps=plan.swaps)
+        self.base = BatchShape.from_plan(dev)
+        self.had_host = plan.uses_host
+        super().choose(plan, sched)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n_gpu=st.integers(0, 12), n_cpu=st.integers(0, 40),
+       n_wait=st.integers(0, 6), margin=st.sampled_from([0.0, 0.1, 0.5, 10.0]))
+def test_apex_never_below_gpu_only(seed, n_gpu, n_cpu, n_wait, margin):
+    rng = random.Random(seed)
+    model = TableModel(rng)
+    policy = Recording(cfg(margin), model)
+    sched = make_sched(policy, gpu_blocks=rng.randint(4, 80), cpu_blocks=400)
+    for tier, n in ((GPU, n_gpu), (CPU, n_cpu)):
+        for _ in range(n):
+            if sched.blocks[tier].num_free >= 4:
+                decoding(sched, tier, ctx=rng.randint(2, 48))
+    for _ in range(n_wait):
+        sched.add(new_seq(rng.randint(1, 60)))
+    plan = sched.schedule()
+    sched.check_integrity()
+    shape = BatchShape.from_plan(plan)
+    assert plan.reason and plan.predicted_s == pytest.approx(model.iteration_time(shape, plan.strategy))
+    if "starvation" in plan.reason or plan.is_empty:
+        return
+    t_gpu = model.iteration_time(policy.base, Strategy.GPU_ONLY)
+    if policy.base.num_tokens:
+        gpu_thr = policy.base.num_outputs / t_gpu
+        assert shape.num_outputs / plan.predicted_s >= gpu_thr * (1 - 1e-9)
+        assert plan.predicted_s <= (1 + margin) * t_gpu * (1 + 1e-9)       # the latency bound
+    if plan.strategy is Strategy.GPU_ONLY:
+        assert not plan.uses_host
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), policy_name=st.sampled_from(["apex", "neo"]),
+       n=st.integers(1, 14))
+def test_every_request_finishes(seed, policy_name, n):
+    """Whole runs on random cost tables and tight tiers: swaps, deferrals and preemptions, yet
+    every request ends with exactly its max_tokens outputs."""
+    rng = random.Random(seed)
+    policy = make_predictive_policy(policy_name, cfg(rng.choice([0.0, 0.1, 1.0])), TableModel(rng))
+    sched = make_sched(policy, gpu_blocks=rng.randint(6, 24), cpu_blocks=rng.randint(6, 24),
+                       max_num_seqs=rng.randint(2, 8), budget=rng.randint(16, 128))
+    seqs = [new_seq(rng.randint(1, 40), rng.randint(1, 24)) for _ in range(n)]
+    for s in seqs:
+        sched.add(s)
+    for _ in range(5000):
+        if not sched.has_work():
+            break
+        plan = step(sched)
+        assert plan.predicted_s is not None
+        assert not plan.is_empty or plan.swaps or plan.preempted
+    assert not sched.has_work()
+    assert all(s.status is Status.FINISHED and s.num_output == s.params.max_tokens for s in seqs)
+
+
+def test_gpu_only_policy_unchanged():
+    """The baseline never uses the host tier and never asks a predictor."""
+    sched = make_sched(GpuOnlyPolicy(), gpu_blocks=4, cpu_blocks=1)
+    a = new_seq(40)
+    sched.add(a)
+    plan = sched.schedule()
+    assert a.tier == GPU and plan.strategy is Strategy.GPU_ONLY
+
+
+def test_candidate_sizes_thin_out():
+    from apex_mini.predictive_policies import MAX_CANDIDATES, candidate_sizes
+    assert candidate_sizes(5) == [1, 2, 3, 4, 5]
+    big = candidate_sizes(500)
+    assert big[0] == 1 and big[-1] == 500 and len(big) <= MAX_CANDIDATES + 1
