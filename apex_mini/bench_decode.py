@@ -25,20 +25,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from .cli import run_cli
-from .config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+from .cli import add_model_flags, run_cli, write_json
+from .config import EngineConfig
 from .engine import Engine
 from .metrics import machine_info
 from .sampling import SamplingParams
-from .weights import MODEL_SHAPES, load_model, random_model, resolve_device, resolve_dtype
+from .weights import model_for, resolve_device
 
 BIG_SHAPES = ("llama2-7b", "llama2-13b", "llama3.1-8b")    # transformers on CPU: only if asked
 
@@ -46,10 +44,7 @@ BIG_SHAPES = ("llama2-7b", "llama2-13b", "llama3.1-8b")    # transformers on CPU
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apex_mini.bench decode",
                                 description="Decode tok/s and GB/s vs the roofline and transformers.")
-    p.add_argument("--model", default=None, help="model folder in Hugging Face layout (default: "
-                   "the shipped tiny model)")
-    p.add_argument("--model-shape", choices=MODEL_SHAPES, default=None,
-                   help="random weights of a named shape instead of a checkpoint")
+    add_model_flags(p)
     p.add_argument("--batches", default="1,8,16,32,64", help="decode batch sizes, comma-separated")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (N)")
@@ -65,22 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ the two sides
-
-def load(args, device: torch.device, cfg: EngineConfig):
-    """(our model, a name for it)."""
-    if args.model and args.model_shape:
-        raise ValueError("give --model or --model-shape, not both")
-    if args.model_shape:
-        mc = MODEL_SHAPES[args.model_shape]
-        dtype = resolve_dtype(cfg.dtype, mc, device)
-        return random_model(args.model_shape, dtype, device, seed=cfg.seed), args.model_shape
-    path = args.model or DEFAULT_MODEL_DIR
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model folder {path!r} not found; pass --model DIR or "
-                                "--model-shape tiny")
-    dtype = resolve_dtype(cfg.dtype, ModelConfig.from_hf(path), device)
-    return load_model(path, dtype, device), Path(path).name
-
 
 def hf_twin(model):
     """transformers' LlamaForCausalLM around the SAME weight tensors (no copy)."""
@@ -171,7 +150,7 @@ def decode_bytes(model, batch: int, prompt_len: int, new_tokens: int) -> int:
 def bench_device(args, device: torch.device, batches: list[int]) -> list[dict]:
     cfg = EngineConfig.from_cli(args)
     cfg.device, cfg.policy = device.type, "gpu-only"
-    model, name = load(args, device, cfg)
+    model, name = model_for(args.model, args.model_shape, cfg.dtype, device, cfg.seed)
     P, N = args.prompt_len, args.new_tokens
     if cfg.gpu_kv_blocks is None:                    # just enough KV: leave memory to transformers
         cfg.gpu_kv_blocks = max(batches) * -(-(P + N) // cfg.block_size) + 1
@@ -245,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                   "machine": machine_info(torch.device("cuda") if "cuda" in devices else None),
                   "torch_threads": torch.get_num_threads(), "prompt_len": args.prompt_len,
                   "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, report)
     return 0
 
 

@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from . import cpu_attention as ca
 from .bench_decode import copy_bandwidth_gbps
-from .cli import run_cli
+from .cli import run_cli, write_json
 from .metrics import machine_info
 from .weights import MODEL_SHAPES
 
@@ -205,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                   "torch_threads": torch.get_num_threads(), "shape": args.shape,
                   "dtype": args.dtype, "block_size": args.block_size, "copy_gbps": copy_gbps,
                   "copy_gbps_after": copy_after, "rows": rows}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, report)
     return 0
 
 

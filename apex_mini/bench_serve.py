@@ -18,17 +18,16 @@ import dataclasses
 import gc
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from . import metrics, workloads
-from .cli import run_cli
-from .config import DEFAULT_MODEL_DIR, EngineConfig, ModelConfig
+from .cli import add_model_flags, run_cli
+from .config import EngineConfig
 from .engine import Engine
 from .sampling import SamplingParams
-from .weights import MODEL_SHAPES, load_model, random_model, resolve_device, resolve_dtype
+from .weights import model_for, resolve_device
 
 WARMUP_REQUESTS = 2     # tiny requests run before timing, so compilation is not measured
 
@@ -36,10 +35,7 @@ WARMUP_REQUESTS = 2     # tiny requests run before timing, so compilation is not
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apex_mini.bench serve",
                                 description="Run one serving workload through every policy.")
-    p.add_argument("--model", default=None, help="model folder in Hugging Face layout (default: "
-                   "the shipped tiny model)")
-    p.add_argument("--model-shape", choices=MODEL_SHAPES, default=None,
-                   help="random weights of a named shape instead of a checkpoint")
+    add_model_flags(p)
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads for torch "
                    "(default: torch's own choice); 1 avoids thread contention on a busy machine")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up requests")
@@ -51,23 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_model(args, cfg: EngineConfig):
     """(model, its ModelConfig, a description for the report)."""
-    if args.model and args.model_shape:
-        raise ValueError("give --model or --model-shape, not both")
     device = resolve_device(cfg.device)
+    model, name = model_for(args.model, args.model_shape, cfg.dtype, device, cfg.seed)
     if args.model_shape:
-        mc = MODEL_SHAPES[args.model_shape]
-        dtype = resolve_dtype(cfg.dtype, mc, device)
-        model = random_model(args.model_shape, dtype, device, seed=cfg.seed)
-        name = f"{args.model_shape} (random weights)"
-    else:
-        path = args.model or DEFAULT_MODEL_DIR
-        if not args.model and not Path(path).is_dir():
-            raise FileNotFoundError(f"the default model {path!r} is missing; pass --model DIR or "
-                                    "--model-shape tiny")
-        mc = ModelConfig.from_hf(path)
-        dtype = resolve_dtype(cfg.dtype, mc, device)
-        model = load_model(path, dtype, device)
-        name = Path(path).name
+        name += " (random weights)"
+    mc, dtype = model.config, next(model.parameters()).dtype
     info = {"name": name, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "parameters": sum(p.numel() for p in model.parameters())}
     return model, mc, info

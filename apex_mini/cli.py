@@ -1,7 +1,11 @@
-"""What every command-line tool shares: bad input becomes one line on stderr and exit status 2."""
+"""What every command-line tool shares: bad input becomes one line on stderr and exit status 2;
+the --model / --model-shape pair; JSON reports."""
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -15,3 +19,22 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model DIR or --model-shape NAME (read by `weights.model_for`)."""
+    from .weights import MODEL_SHAPES
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None,
+                     help="model folder in Hugging Face layout (default: the shipped tiny model)")
+    src.add_argument("--model-shape", choices=MODEL_SHAPES, default=None,
+                     help="random weights of a named shape instead of a checkpoint")
+
+
+def write_json(path: str | None, report: dict) -> None:
+    """Write `report` to `path` (folders made as needed) and say so on stderr; None: nothing."""
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}", file=sys.stderr)

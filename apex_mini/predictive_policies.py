@@ -1,9 +1,9 @@
 """The predictive policies: `apex` and the NEO-style baseline `neo`.
 
-Both keep a request's KV on the device when it fits, and on the host otherwise only when host
-decoding is predicted to pay (`offload`; else the request waits, or is preempted, as under
-GPU-only). They bring host requests back when the device has room (the scheduler checks the
-room). Each iteration they
+Both keep a request's KV on the device when it fits. When it does not, `neo` puts it on the host
+(as NEO does), and `apex` does so only when host decoding is predicted to pay within its latency
+bound (`offload`; else the request waits, or is preempted, as under GPU-only). Both bring host
+requests back when the device has room (the scheduler checks the room). Each iteration they
 ask the injected predictor about candidate plans and keep the one with the most predicted
 output tokens per second (`BatchShape.num_outputs / iteration_time`):
 
@@ -205,6 +205,11 @@ class NeoPolicy(PredictivePolicy):
     name = "neo"
     strategies = (Strategy.PIPELINE,)
     latency_bound = False
+
+    def offload(self, seq: Sequence, sched) -> bool:
+        # NEO moves KV to the host whenever the device is full, and balances the load per
+        # iteration; one pipelined host request rarely pays, a hundred do.
+        return True
 
 
 class ForcedStrategyPolicy(PredictivePolicy):

@@ -12,28 +12,20 @@ and compares each iteration's predicted time with the measured one.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
-from pathlib import Path
 
-from .cli import run_cli
-from .config import DEFAULT_MODEL_DIR, EngineConfig
+from .cli import add_model_flags, run_cli, write_json
+from .config import EngineConfig
 
 REPORT_RUNS = ("apex", "gpu-only", "overlap", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .weights import MODEL_SHAPES
     p = argparse.ArgumentParser(prog="python -m apex_mini.profile",
                                 description="Time the pieces of an iteration on this machine and "
                                             "save the table the predictor reads.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None,
-                     help="model folder in Hugging Face layout (default: the shipped tiny model)")
-    src.add_argument("--model-shape", default=None,
-                     help=f"profile random weights of a named shape instead: "
-                          f"{', '.join(MODEL_SHAPES)}")
+    add_model_flags(p)
     p.add_argument("--out", default=None,
                    help="also write the profile JSON here (it is always saved to the cache the "
                         "engine reads: $APEX_MINI_CACHE/profiles or ~/.cache/apex_mini/profiles)")
@@ -52,22 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     EngineConfig.add_cli_flags(p, skip=("policy", "profile_path", "seed", "cpu_fraction"))
     return p
-
-
-def load(args, cfg: EngineConfig):
-    """(model, name) for --model or --model-shape."""
-    from .config import ModelConfig
-    from .weights import MODEL_SHAPES, load_model, random_model, resolve_device, resolve_dtype
-    device = resolve_device(cfg.device)
-    if args.model_shape:
-        if args.model_shape not in MODEL_SHAPES:
-            raise ValueError(f"unknown model shape {args.model_shape!r}; known: "
-                             f"{', '.join(MODEL_SHAPES)}")
-        dtype = resolve_dtype(cfg.dtype, MODEL_SHAPES[args.model_shape], device)
-        return random_model(args.model_shape, dtype, device), args.model_shape
-    model_dir = args.model or DEFAULT_MODEL_DIR
-    mc = ModelConfig.from_hf(model_dir)
-    return load_model(model_dir, resolve_dtype(cfg.dtype, mc, device), device), model_dir
 
 
 # ------------------------------------------------------------------------------- the report
@@ -174,6 +150,7 @@ def format_report(report: dict, show: int = 8) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .engine import Engine
     from .predictor import Predictor
+    from .weights import model_for, resolve_device
     from .profiler import FULL, QUICK, cache_path, engine_key, load_profile, profile_engine
     args = build_parser().parse_args(argv)
     if args.json and not args.report:
@@ -181,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1:
         raise ValueError(f"--requests={args.requests} must be at least 1")
     cfg = EngineConfig.from_cli(args)
-    model, name = load(args, cfg)
+    model, name = model_for(args.model, args.model_shape, cfg.dtype, resolve_device(cfg.device))
     progress = not args.no_progress
     # An engine only for its pools and runner settings (policy gpu-only: no predictor needed).
     engine = Engine(model, _replace(cfg, policy="gpu-only", gpu_kv_blocks=cfg.gpu_kv_blocks or 16))
@@ -207,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         report["model"] = name
         print(format_report(report, args.show))
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=1))
-            print(f"report: {args.json}")
+            write_json(args.json, report)
     return 0
 
 

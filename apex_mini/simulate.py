@@ -19,7 +19,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import math
 import random
 import sys
 import time

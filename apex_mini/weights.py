@@ -290,3 +290,24 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.d
             except SafetensorError as e:
                 raise _corrupt(path, str(e).splitlines()[0]) from None
     return _finish(model)
+
+
+def model_for(model_dir: str | None, shape: str | None, dtype_name: str, device: torch.device,
+              seed: int = 0) -> tuple[LlamaForCausalLM, str]:
+    """(model, a name for it) from a checkpoint folder or, for `shape`, random weights of a
+    named shape; the shipped default model when neither is given. The benchmarks and the
+    profiler share this (their --model / --model-shape flags)."""
+    from .config import DEFAULT_MODEL_DIR
+    if model_dir and shape:
+        raise ValueError("give --model or --model-shape, not both")
+    if shape:
+        if shape not in MODEL_SHAPES:
+            raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(MODEL_SHAPES)}")
+        dtype = resolve_dtype(dtype_name, MODEL_SHAPES[shape], device)
+        return random_model(shape, dtype, device, seed=seed), shape
+    path = model_dir or DEFAULT_MODEL_DIR
+    if not model_dir and not Path(path).is_dir():
+        raise FileNotFoundError(f"the default model {path!r} is missing; pass --model DIR or "
+                                "--model-shape tiny")
+    dtype = resolve_dtype(dtype_name, ModelConfig.from_hf(path), device)
+    return load_model(path, dtype, device), Path(path).name

@@ -14,6 +14,9 @@ Each checkpoint is what `LlamaForCausalLM(config).save_pretrained(dir)` from tra
     tied          tie_word_embeddings (no lm_head.weight in the file), multi-query attention
     sharded       the mha shape with 3 layers saved in several shards + model.safetensors.index.json
 
+Helpers for end-to-end runs: `mixed_prompts()` (six token-id prompts of different lengths)
+and `run_greedy(path, prompts, params, ...)` -> (output token lists, the closed engine).
+
 Fixtures (all session-scoped; treat the folders as read-only, copy them to modify):
     hf_checkpoint(kind) -> Path      factory over the kinds above
     mha_ckpt, gqa_llama3_ckpt, tied_ckpt, sharded_ckpt -> Path
@@ -155,3 +158,31 @@ def sharded_ckpt(hf_checkpoint) -> Path:
 @pytest.fixture(scope="session", params=CKPT_KINDS)
 def any_ckpt(request, hf_checkpoint) -> Path:
     return hf_checkpoint(request.param)
+
+
+# ------------------------------------------------------------------------------ end-to-end runs
+
+def mixed_prompts(vocab: int = VOCAB_SIZE, lengths=(5, 17, 33, 2, 48, 9)) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_greedy(path, prompts, params, predictor=None, fast: bool = True, device: str = "cpu",
+               **options):
+    """Generate in fp32 with engine `options` and check the scheduler's integrity at the end;
+    returns (output token lists, engine). `predictor` replaces the profiled one (a fake);
+    fast=False turns the static decode step off, so every step runs the general layer loop."""
+    from apex_mini import LLM
+    from apex_mini.config import EngineConfig
+    from apex_mini.engine import load_engine
+
+    cfg = EngineConfig(device=device, dtype="float32", **options)
+    llm = LLM.from_engine(load_engine(str(path), cfg, predictor))
+    if not fast:
+        llm.engine.runner.decode_step = llm.engine.runner.graphs = None
+    try:
+        outs = llm.generate(prompts, params)
+        llm.engine.scheduler.check_integrity()
+        return [o.token_ids for o in outs], llm.engine
+    finally:
+        llm.close()

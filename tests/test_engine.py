@@ -3,10 +3,9 @@ preemption and chunked prefill, on tiny checkpoints in fp32."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from apex_mini import LLM, SamplingParams
-from apex_mini.engine import Engine
+from conftest import mixed_prompts, run_greedy
 from apex_mini.plan import Strategy
 from apex_mini.policies import StaticPolicy
 from apex_mini.sequence import CPU, GPU
@@ -14,24 +13,13 @@ from apex_mini.sequence import CPU, GPU
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
-def prompts(vocab: int, lengths=(5, 17, 33, 2, 48, 9)) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def run(path, prompt_ids, params=GREEDY, **options):
-    llm = LLM(path, device="cpu", dtype="float32", **options)
-    try:
-        outs = llm.generate(prompt_ids, params)
-        llm.engine.scheduler.check_integrity()
-        return [o.token_ids for o in outs], llm.engine
-    finally:
-        llm.close()
+    return run_greedy(path, prompt_ids, params, **options)
 
 
 @pytest.fixture(scope="module")
 def reference(gqa_llama3_ckpt):
-    tokens, _ = run(gqa_llama3_ckpt, prompts(384), policy="gpu-only")
+    tokens, _ = run(gqa_llama3_ckpt, mixed_prompts(), policy="gpu-only")
     return tokens
 
 
@@ -43,7 +31,7 @@ def reference(gqa_llama3_ckpt):
     dict(policy="gpu-only", bucket_decode=False),
 ], ids=["static-0.5", "static-1.0", "chunked", "chunked-host", "no-buckets"])
 def test_same_tokens_as_gpu_only(gqa_llama3_ckpt, reference, options):
-    tokens, engine = run(gqa_llama3_ckpt, prompts(384), **options)
+    tokens, engine = run(gqa_llama3_ckpt, mixed_prompts(), **options)
     assert tokens == reference
     strategies = {r.plan.strategy for r in engine.records}
     if options.get("cpu_fraction"):
@@ -52,7 +40,7 @@ def test_same_tokens_as_gpu_only(gqa_llama3_ckpt, reference, options):
 
 
 def test_static_fraction_places_requests(gqa_llama3_ckpt):
-    _, engine = run(gqa_llama3_ckpt, prompts(384)[:4], policy="static", cpu_fraction=0.5)
+    _, engine = run(gqa_llama3_ckpt, mixed_prompts()[:4], policy="static", cpu_fraction=0.5)
     tiers = [len(r.plan.cpu_decodes) for r in engine.records if r.plan.cpu_decodes or r.plan.gpu_decodes]
     assert max(tiers) == 2                     # half of four requests decode on the CPU
 
@@ -72,7 +60,7 @@ def test_swaps_mid_generation_keep_tokens(gqa_llama3_ckpt, reference):
     # Different lengths, so requests finish at different times and room frees mid-run.
     lengths = (24, 10, 24, 6, 24, 12)
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in lengths]
-    outs = llm.generate(prompts(384), params)
+    outs = llm.generate(mixed_prompts(), params)
     llm.close()
     assert [o.token_ids for o in outs] == [ref[:m] for ref, m in zip(reference, lengths)]
     swaps = [s for r in engine.records for s in r.plan.swaps]
@@ -82,13 +70,13 @@ def test_swaps_mid_generation_keep_tokens(gqa_llama3_ckpt, reference):
 
 
 def test_preemption_recomputes_without_loss(gqa_llama3_ckpt, reference):
-    tokens, engine = run(gqa_llama3_ckpt, prompts(384), policy="gpu-only", gpu_kv_blocks=10)
+    tokens, engine = run(gqa_llama3_ckpt, mixed_prompts(), policy="gpu-only", gpu_kv_blocks=10)
     assert tokens == reference
     assert engine.scheduler.num_preemptions > 0
 
 
 def test_every_request_finishes_when_tiers_are_tiny(gqa_llama3_ckpt, reference):
-    tokens, engine = run(gqa_llama3_ckpt, prompts(384), policy="static", cpu_fraction=0.5,
+    tokens, engine = run(gqa_llama3_ckpt, mixed_prompts(), policy="static", cpu_fraction=0.5,
                          gpu_kv_blocks=8, cpu_kv_blocks=8)
     assert tokens == reference
     assert engine.scheduler.num_preemptions + engine.scheduler.num_swaps > 0
@@ -97,11 +85,11 @@ def test_every_request_finishes_when_tiers_are_tiny(gqa_llama3_ckpt, reference):
 def test_seeded_sampling_is_independent_of_the_batch(mha_ckpt):
     params = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=16, seed=123,
                             ignore_eos=True)
-    alone, _ = run(mha_ckpt, prompts(384)[:1], params)
-    mixed, _ = run(mha_ckpt, prompts(384), [params] + [SamplingParams(temperature=1.0, seed=i, max_tokens=8)
+    alone, _ = run(mha_ckpt, mixed_prompts()[:1], params)
+    mixed, _ = run(mha_ckpt, mixed_prompts(), [params] + [SamplingParams(temperature=1.0, seed=i, max_tokens=8)
                                                       for i in range(5)])
     assert alone[0] == mixed[0]
-    other, _ = run(mha_ckpt, prompts(384)[:1], SamplingParams(temperature=0.9, top_p=0.9, top_k=50,
+    other, _ = run(mha_ckpt, mixed_prompts()[:1], SamplingParams(temperature=0.9, top_p=0.9, top_k=50,
                                                               max_tokens=16, seed=124, ignore_eos=True))
     assert other[0] != alone[0]
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from apex_mini import LLM, SamplingParams
+from conftest import mixed_prompts, run_greedy
 from apex_mini.batch import DecodeInputs, build_decode_inputs
 from apex_mini.sequence import GPU, Sequence
 
@@ -18,11 +19,6 @@ CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
 
 
-def prompts(vocab: int, lengths=(5, 17, 33, 2, 48, 9)) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 # Different lengths: requests finish at different steps, so the decode batch shrinks 6 -> 1 and
 # crosses the buckets 8 -> 4 -> 2 -> 1; contexts cross block-width buckets too. Under the
 # static policy (f = 0.5) the longest request is on the device: its last steps are device-only.
@@ -30,18 +26,7 @@ PARAMS = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m i
 
 
 def generate(path, device="cpu", fast=True, **options):
-    """(token lists, engine). fast=False turns the decode step off: every step runs the
-    runner's general layer loop, the reference."""
-    dtype = "float32"
-    llm = LLM(path, device=device, dtype=dtype, **options)
-    if not fast:
-        llm.engine.runner.decode_step = llm.engine.runner.graphs = None
-    try:
-        outs = llm.generate(prompts(384), PARAMS)
-        llm.engine.scheduler.check_integrity()
-        return [o.token_ids for o in outs], llm.engine
-    finally:
-        llm.close()
+    return run_greedy(path, mixed_prompts(), PARAMS, fast=fast, device=device, **options)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +61,7 @@ def test_decode_step_matches_layer_loop(gqa_llama3_ckpt):
     """Logits of one decode step, fast path vs the general loop, on the same cache."""
     llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only")
     engine, runner = llm.engine, llm.engine.runner
-    for ids in prompts(384, (7, 20, 40)):
+    for ids in mixed_prompts(384, (7, 20, 40)):
         engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
     plan, _ = engine.step()                            # the prefills
     plan = engine.scheduler.schedule()                 # three decodes
@@ -93,7 +78,7 @@ def test_requests_join_and_leave_across_buckets(gqa_llama3_ckpt):
     """3 running -> 5 (two join late) -> 2 (three finish): every request's tokens equal its
     tokens when it runs alone, and the batch really crossed the 4/8 bucket boundary."""
     path = gqa_llama3_ckpt
-    ids = prompts(384, (5, 17, 33, 2, 48))
+    ids = mixed_prompts(384, (5, 17, 33, 2, 48))
     steps = [20, 9, 12, 25, 8]
     alone = []
     for p, m in zip(ids, steps):
@@ -150,7 +135,7 @@ def test_decode_inputs_pack_and_pad():
 def test_compiled_decode_same_tokens(gqa_llama3_ckpt):
     """torch.compile of the decode step: same greedy tokens. Kept to one static shape (equal
     prompts, short outputs), since each new shape costs a compile."""
-    ids = prompts(384, (6, 6))
+    ids = mixed_prompts(384, (6, 6))
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     outs = {}
     for compiled in (False, True):
@@ -190,7 +175,7 @@ def test_cuda_same_tokens(gqa_llama3_ckpt, options):
 def test_cuda_graph_matches_eager_logits(gqa_llama3_ckpt):
     llm = LLM(gqa_llama3_ckpt, device="cuda", dtype="float32", policy="gpu-only", cuda_graphs=True)
     engine, runner = llm.engine, llm.engine.runner
-    for ids in prompts(384, (7, 20, 40)):
+    for ids in mixed_prompts(384, (7, 20, 40)):
         engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
     engine.step()                                      # prefills
     plan = engine.scheduler.schedule()
@@ -215,7 +200,7 @@ def test_cpu_attention_overlaps_gpu_work(gqa_llama3_ckpt):
               cuda_graphs=True)
     runner = llm.engine.runner
     runner.timeline = []
-    llm.generate(prompts(384), PARAMS)
+    llm.generate(mixed_prompts(), PARAMS)
     llm.close()
     last = {}
     overlapped = []

@@ -6,12 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
-from apex_mini import LLM, SamplingParams
-from apex_mini.config import EngineConfig
+from apex_mini import SamplingParams
+from conftest import mixed_prompts, run_greedy
 from apex_mini.cost_tables import BatchShape
-from apex_mini.engine import load_engine
 from apex_mini.plan import Strategy
 from apex_mini.sequence import CPU, GPU
 
@@ -49,20 +47,8 @@ class CostlyBesidePrefill:
         return 1.0 + 0.01 * shape.num_tokens + extra
 
 
-def prompts(vocab: int, lengths=(5, 17, 33, 2, 48, 9)) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
 def run(path, predictor=None, **options):
-    cfg = EngineConfig(device="cpu", dtype="float32", **options)
-    llm = LLM.from_engine(load_engine(str(path), cfg, predictor))
-    try:
-        outs = llm.generate(prompts(384), GREEDY)
-        llm.engine.scheduler.check_integrity()
-        return [o.token_ids for o in outs], llm.engine
-    finally:
-        llm.close()
+    return run_greedy(path, mixed_prompts(), GREEDY, predictor, **options)
 
 
 @pytest.fixture(scope="module")
