@@ -10,7 +10,7 @@ generate n tokens greedily (end-of-sequence ignored). One run with n = 1 (prefil
 with n = `--new-tokens` N; decode time = t(N) - t(1), which holds N - 1 decode steps, and
 decode tokens/s = B * (N - 1) / decode time. Ours runs through `Engine.step()` (scheduler,
 runner, sampling: everything a server pays per step); theirs through `generate(do_sample=False,
-min_new_tokens=n, max_new_tokens=n)`. Each figure is the median of `--repeats` runs after one
+max_new_tokens=n)` with no end-of-sequence id. Each figure is the median of `--repeats` runs after one
 untimed warm-up run (which also captures CUDA graphs and compiles, when those are on). Both
 sides share one process, one weight tensor set and one `torch.set_num_threads`.
 
@@ -75,6 +75,9 @@ def hf_twin(model):
     device = next(model.parameters()).device
     hf.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)    # buffers, not in the state dict
     hf.generation_config.pad_token_id = 0
+    # No end-of-sequence for transformers either: both sides pick the plain argmax every step.
+    # (min_new_tokens would instead mask EOS out of the logits, a different greedy choice.)
+    hf.generation_config.eos_token_id = None
     return hf.eval()
 
 
@@ -97,7 +100,7 @@ def run_hf(hf, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
     sync(ids.device)
     start = time.perf_counter()
     out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                      max_new_tokens=n, min_new_tokens=n)
+                      max_new_tokens=n)
     sync(ids.device)
     return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
 
