@@ -375,6 +375,13 @@ class Profiler:
 
 # ------------------------------------------------------------------------------- calibration
 
+def _pool(engine, blocks: int, device, pin: bool = False) -> KVPool:
+    """An empty KV pool of the engine's layout, for timing real iterations."""
+    mc = engine.model_config
+    return KVPool(mc.num_hidden_layers, blocks, engine.cfg.block_size, mc.num_key_value_heads,
+                  mc.head_dim, engine.dtype, device=device, pin=pin)
+
+
 def _fake_seq(ids, ctx: int, tier: str, decoding: bool):
     """A running request of `ctx` tokens whose KV (all but the newest token, when decoding)
     is cached in `tier`."""
@@ -406,13 +413,11 @@ def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
     from .cpu_attention import CPUAttentionWorker
     from .plan import Plan
     from .sequence import GPU
-    bs, L = engine.cfg.block_size, engine.model_config.num_hidden_layers
+    bs = engine.cfg.block_size
     points = [(n, kv) for n in grid.seqs for kv in grid.kv if kv % (n * bs) == 0]
     blocks = max(kv for _, kv in points) // bs
     blocks = max(1, min(blocks, DECODE_POOL_BYTES // engine.kv_bytes_per_block))
-    mc = engine.model_config
-    pool = KVPool(L, blocks + 1, bs, mc.num_key_value_heads, mc.head_dim, engine.dtype,
-                  device=engine.device)                                # + a scratch block
+    pool = _pool(engine, blocks + 1, engine.device)                    # + a scratch block
     ids = iter(range(1 << 30))
     plans, tables = [], {GPU: {}}
     for n, kv in points:
@@ -431,38 +436,68 @@ def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
     return [[n, kv, t] for (n, kv), t in zip(points, times)]
 
 
+HOST_CALIBRATION_BLOCKS = 8     # context of the host decodes in the calibration plans, in blocks
+PROMPT_CALIBRATION_BLOCKS = 16  # the longest calibration prompt, in blocks
+
+
 def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strategy, float]]:
-    """Time a few tiny real iterations through a `ModelRunner` on the engine's (still empty)
-    pools: every request reads and writes only block 0 of its tier. Returns
-    (shape, strategy, lower-quartile measured seconds) per plan."""
+    """Time a few real iterations that run the layer loop (a prefill, or host rows; decode-only
+    ones take the static decode step, which `decode_iteration_table` measures whole) through
+    a `ModelRunner` on pools of their own: prefills from a few tokens to
+    `PROMPT_CALIBRATION_BLOCKS` blocks, device decodes of a few tokens in block 0, host
+    decodes of `HOST_CALIBRATION_BLOCKS` blocks each, so host attention has real work to
+    overlap. Returns (shape, strategy, lower-quartile measured seconds) per plan."""
     from .cpu_attention import CPUAttentionWorker
     from .sequence import CPU, GPU
 
-    ctx = min(8, engine.cfg.block_size)
+    bs = engine.cfg.block_size
+    small, host_ctx = min(8, bs), HOST_CALIBRATION_BLOCKS * bs
     ids = iter(range(1 << 30))
 
-    def seq(tier: str, decoding: bool):
-        return _fake_seq(ids, ctx, tier, decoding)
+    def plan(n_prefill=1, n_gpu=0, n_cpu=0, strategy=Strategy.GPU_ONLY, prompt=small) -> Plan:
+        n_prefill = n_prefill if not n_cpu else 0
+        return Plan(prefills=[(_fake_seq(ids, prompt, GPU, False), prompt) for _ in range(n_prefill)],
+                    gpu_decodes=[_fake_seq(ids, small, GPU, True) for _ in range(n_gpu)],
+                    cpu_decodes=[_fake_seq(ids, host_ctx, CPU, True) for _ in range(n_cpu)],
+                    strategy=strategy)
 
-    def plan(n_prefill=0, n_gpu=0, n_cpu=0, strategy=Strategy.GPU_ONLY) -> Plan:
-        return Plan(prefills=[(s, ctx) for s in (seq(GPU, False) for _ in range(n_prefill))],
-                    gpu_decodes=[seq(GPU, True) for _ in range(n_gpu)],
-                    cpu_decodes=[seq(CPU, True) for _ in range(n_cpu)], strategy=strategy)
-
-    # Plans that run the layer loop (a prefill or host rows): decode-only ones take the static
-    # decode step, which `decode_iteration_table` measures whole.
     plans = [plan(n_prefill=1), plan(n_prefill=2), plan(n_prefill=1, n_gpu=2),
-             plan(n_prefill=1, n_gpu=8), plan(n_gpu=1, n_cpu=1, strategy=Strategy.OVERLAP),
-             plan(n_gpu=2, n_cpu=2, strategy=Strategy.OVERLAP)]
-    tables = {GPU: {s.seq_id: [0] for p in plans for s in p.gpu_decodes + [s for s, _ in p.prefills]},
-              CPU: {s.seq_id: [0] for p in plans for s in p.cpu_decodes}}
+             plan(n_prefill=1, n_gpu=8), plan(n_prefill=4, n_gpu=4),
+             plan(prompt=PROMPT_CALIBRATION_BLOCKS * bs),
+             plan(n_prefill=2, n_gpu=4, prompt=PROMPT_CALIBRATION_BLOCKS * bs // 4),
+             plan(n_gpu=1, n_cpu=1, strategy=Strategy.OVERLAP),
+             plan(n_gpu=2, n_cpu=2, strategy=Strategy.OVERLAP),
+             plan(n_gpu=4, n_cpu=8, strategy=Strategy.OVERLAP)]
+    most_host = max(len(p.cpu_decodes) for p in plans)
+    prompt_blocks = list(range(PROMPT_CALIBRATION_BLOCKS))
+    tables = {GPU: {**{s.seq_id: [0] for p in plans for s in p.gpu_decodes},
+                    **{s.seq_id: prompt_blocks for p in plans for s, _ in p.prefills}},
+              CPU: {s.seq_id: list(range(i * HOST_CALIBRATION_BLOCKS, (i + 1) * HOST_CALIBRATION_BLOCKS))
+                    for p in plans for i, s in enumerate(p.cpu_decodes)}}
+    gpu_pool = _pool(engine, PROMPT_CALIBRATION_BLOCKS + 1, engine.device)   # + a scratch block
+    cpu_pool = _pool(engine, most_host * HOST_CALIBRATION_BLOCKS, "cpu", pin=engine.streams.pin)
     worker = CPUAttentionWorker(engine.cfg.cpu_threads)
     try:
-        runner = engine.make_runner(engine.gpu_pool, engine.scratch_block, worker)
+        runner = engine.make_runner(gpu_pool, PROMPT_CALIBRATION_BLOCKS, worker, cpu_pool)
         times = _time_plans(runner, plans, tables, repeats)
     finally:
         worker.close()
     return [(BatchShape.from_plan(p), p.strategy, t) for p, t in zip(plans, times)]
+
+
+def fit_scale_and_offset(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares `measured = scale * predicted + offset` over (predicted, measured) pairs,
+    with offset >= 0 and scale in [0.2, 5]: the tables' pieces, timed one by one, may carry
+    more (or less) call overhead than the real loop that runs them back to back."""
+    xs, ys = [p for p, _ in points], [m for _, m in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    scale = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 1.0
+    offset = my - scale * mx
+    if offset < 0 or not 0.2 <= scale <= 5.0:             # through the origin instead
+        scale, offset = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
+    scale = min(5.0, max(0.2, scale))
+    return scale, max(0.0, offset)
 
 
 def calibrate(profile: Profile, engine, grid: Grid = QUICK, repeats: int = 7) -> Profile:
@@ -472,14 +507,15 @@ def calibrate(profile: Profile, engine, grid: Grid = QUICK, repeats: int = 7) ->
     profile.decode_iteration = decode_iteration_table(engine, grid)
     runs = calibration_runs(engine, repeats)
     bare = Predictor(profile, bucket_decode=engine.cfg.bucket_decode)
-    residuals = [m - bare.iteration_time(s, st) for s, st, m in runs if not s.n_cpu_decodes]
-    profile.overhead = max(0.0, statistics.median(residuals))
+    device_runs = [(bare.iteration_time(s, st), m) for s, st, m in runs if not s.n_cpu_decodes]
+    profile.layer_loop_scale, profile.overhead = fit_scale_and_offset(device_runs)
+    bare = Predictor(profile, bucket_decode=engine.cfg.bucket_decode)
     if engine.device.type == "cpu":
         shares = []
         for shape, strategy, measured in runs:
             if shape.n_cpu_decodes:
                 parts = bare.breakdown(shape, strategy)     # with the whole host job unhidden
-                host = parts["cpu_decode_attn_s"]
+                host = parts["cpu_decode_attn_s"] * profile.layer_loop_scale
                 rest = parts["total_s"] - host
                 shares.append((measured - profile.overhead - rest) / host)
         profile.overlap_slowdown = min(2.0, max(0.05, statistics.median(shares)))
