@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .plan import Plan
 
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 
 
 @dataclass
@@ -49,7 +49,6 @@ class Profile:
     # Optional; 0 means "not measured" and the predictor leaves that cost out.
     kv_block_bytes: int = 0            # one KV block, all layers, k and v: what a swap copies
     host_job_s: float = 0.0            # per layer: hand host rows to the CPU worker and join
-    overlap_slowdown: float = 0.0      # CPU "device" only: share of host work NOT hidden (0..1)
     layer_loop_scale: float = 1.0      # calibrated: real layer-loop time / the tables' sum
     decode_iteration: list[list[float]] = field(default_factory=list)  # [[n_seqs, kv_tokens, s], ...]
 

@@ -85,13 +85,11 @@ class Engine:
         self.gpu_blocks = BlockManager(gpu_blocks, cfg.block_size, GPU)
         self.cpu_blocks = BlockManager(cpu_blocks, cfg.block_size, CPU)
 
-    def make_runner(self, gpu_pool: KVPool, scratch_block: int, worker,
-                    cpu_pool: KVPool | None = None) -> ModelRunner:
-        """A runner with this engine's model and options over `gpu_pool` and `cpu_pool`
-        (default: the engine's host pool). The profiler times real iterations on pools of its
-        own."""
+    def make_runner(self, gpu_pool: KVPool, scratch_block: int, worker) -> ModelRunner:
+        """A runner with this engine's model, host pool and options over `gpu_pool` (the
+        profiler times real iterations on a pool of its own)."""
         cfg = self.cfg
-        runner = ModelRunner(self.model, self.device, gpu_pool, cpu_pool or self.cpu_pool, worker,
+        runner = ModelRunner(self.model, self.device, gpu_pool, self.cpu_pool, worker,
                              self.streams, cfg.block_size, scratch_block,
                              cfg.compile_cpu_attention and compile_enabled(), cfg.bucket_decode,
                              compile_decode=cfg.compile_decode)

@@ -13,9 +13,12 @@ any swaps; the layer loop and LM head times `layer_loop_scale`, calibrated on re
 iterations (pieces timed alone carry call overheads the real loop does not). A decode-only, device-only iteration does not run the layer loop at all but the
 runner's static decode step (decode_step.py, CUDA graphs), whose Python and launch costs differ
 from the loop's; when the profile has measured it whole (`decode_iteration`), that table is
-the prediction (plus swaps). When the "device" is the CPU (profile key `device == "cpu"`), device and host work
-compete for the same cores, so the host job is not hidden: `overlap_slowdown` of it
-(measured; all of it when unset) adds to the time.
+the prediction (plus swaps).
+
+When the "device" is the CPU (profile key `device == "cpu"`), device and host work compete for
+the same cores, so nothing hides: the host job adds to the time. (Fitting a hidden share from
+real iterations was tried; on a 2-core machine it swung between 5% and 170% from run to run,
+while the plain sum predicted served throughput within 10-30%: docs/benchmarks.md.)
 
 Interpolation: linear in 1-D, bilinear in 2-D (per measured row, then across rows), linear
 extrapolation past the ends. A table point predicts exactly its own time.
@@ -109,7 +112,6 @@ class Predictor:
         # Share of the linear work before attention (QKV) vs after it (O + MLP), by weight bytes.
         self.pre_share = qkv / (qkv + h * d * hidden + 3 * hidden * inter) if hidden > 1 else 0.3
         self.up_share = h / (h + 2 * kvh)                  # output row bytes / q+k+v row bytes
-        self.unhidden = p.overlap_slowdown if p.overlap_slowdown > 0 else 1.0
 
     # ---------------------------------------------------------------- pieces
 
@@ -210,7 +212,7 @@ class Predictor:
         down, host, up = self._host(shape.n_cpu_decodes, ckv, shape.n_host_prefill_tokens)
         dev, side = prefill + gatt, down + host + up
         if self.on_cpu:
-            layer = lin + dev + self.unhidden * side
+            layer = lin + dev + side
         else:
             layer = lin + max(dev, side)
         return {"layers_s": L * layer, "linear_s": L * lin, "prefill_attn_s": L * prefill,
@@ -234,8 +236,8 @@ class Predictor:
         host_a = self._host(half, kv_a, shape.n_host_prefill_tokens)
         host_b = self._host(n_b, kv_b, 0)
         pre, post = self.pre_share, 1.0 - self.pre_share
-        if self.on_cpu:       # one set of cores: everything is serial but the unhidden share
-            layer = lin_a + lin_b + dev_a + self.unhidden * (sum(host_a) + sum(host_b))
+        if self.on_cpu:       # one set of cores: everything is serial
+            layer = lin_a + lin_b + dev_a + sum(host_a) + sum(host_b)
             layers_s = L * layer
         else:
             layers_s = _replay(L, pre * lin_a, dev_a, post * lin_a, host_a,

@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         profile.to_json(args.out)
         print(f"profile: {args.out}")
     print(f"overhead {profile.overhead * 1e3:.3f} ms/iteration, host job {profile.host_job_s * 1e6:.1f} "
-          f"us/layer" + (f", overlap hides {100 * (1 - min(1.0, profile.overlap_slowdown)):.0f}% "
-                         f"of host work" if profile.overlap_slowdown else ""))
+          f"us/layer, layer-loop scale {profile.layer_loop_scale:.2f}")
     if args.report:
         predictor = Predictor(profile, bucket_decode=cfg.bucket_decode)
         report = run_report(model, cfg, predictor, args.requests, progress=progress)

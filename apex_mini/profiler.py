@@ -9,11 +9,12 @@
     host_job_s        one round trip to the CPU worker thread
     decode_iteration  whole decode-only iterations through a real `ModelRunner.execute` (the
                       static decode step, CUDA graphs when on), vs (sequences, KV rows read)
-    overhead          calibrated: a few real `ModelRunner.execute` calls minus the prediction
-    overlap_slowdown  calibrated, CPU "device" only: how much host work the overlap fails to hide
+    layer_loop_scale, fitted on real `ModelRunner.execute` calls that run the layer loop:
+    overhead          measured = scale * (the tables' prediction) + overhead
 
 Every point runs twice as warm-up (the second run sets the time estimate), then `repeats`
-times, round robin over the points; the lower quartile counts (see `lower_quartile`). Device work is timed with CUDA events, host work with perf_counter.
+times, round robin over the points; the lower quartile counts (see `lower_quartile`). Device
+work is timed with CUDA events, host work with perf_counter.
 Decode grids use contexts that are whole blocks, so a point's KV rows are exactly what the
 kernel reads. Profiles are cached as JSON under a hash of their key (model shape, dtype, device,
 host CPU, threads, block size, torch version); a profile whose key or version differs is
@@ -436,49 +437,35 @@ def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
     return [[n, kv, t] for (n, kv), t in zip(points, times)]
 
 
-HOST_CALIBRATION_BLOCKS = 8     # context of the host decodes in the calibration plans, in blocks
 PROMPT_CALIBRATION_BLOCKS = 16  # the longest calibration prompt, in blocks
 
 
 def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strategy, float]]:
-    """Time a few real iterations that run the layer loop (a prefill, or host rows; decode-only
-    ones take the static decode step, which `decode_iteration_table` measures whole) through
-    a `ModelRunner` on pools of their own: prefills from a few tokens to
-    `PROMPT_CALIBRATION_BLOCKS` blocks, device decodes of a few tokens in block 0, host
-    decodes of `HOST_CALIBRATION_BLOCKS` blocks each, so host attention has real work to
-    overlap. Returns (shape, strategy, lower-quartile measured seconds) per plan."""
+    """Time a few real iterations that run the layer loop (with a prefill: decode-only ones
+    take the static decode step, which `decode_iteration_table` measures whole) through a
+    `ModelRunner` on a pool of their own: prompts from a few tokens to
+    `PROMPT_CALIBRATION_BLOCKS` blocks, beside decodes of a few tokens in block 0. Returns
+    (shape, strategy, lower-quartile measured seconds) per plan."""
     from .cpu_attention import CPUAttentionWorker
-    from .sequence import CPU, GPU
+    from .sequence import GPU
 
     bs = engine.cfg.block_size
-    small, host_ctx = min(8, bs), HOST_CALIBRATION_BLOCKS * bs
+    small, longest = min(8, bs), PROMPT_CALIBRATION_BLOCKS * bs
     ids = iter(range(1 << 30))
 
-    def plan(n_prefill=1, n_gpu=0, n_cpu=0, strategy=Strategy.GPU_ONLY, prompt=small) -> Plan:
-        n_prefill = n_prefill if not n_cpu else 0
+    def plan(n_prefill=1, n_gpu=0, prompt=small) -> Plan:
         return Plan(prefills=[(_fake_seq(ids, prompt, GPU, False), prompt) for _ in range(n_prefill)],
-                    gpu_decodes=[_fake_seq(ids, small, GPU, True) for _ in range(n_gpu)],
-                    cpu_decodes=[_fake_seq(ids, host_ctx, CPU, True) for _ in range(n_cpu)],
-                    strategy=strategy)
+                    gpu_decodes=[_fake_seq(ids, small, GPU, True) for _ in range(n_gpu)])
 
-    plans = [plan(n_prefill=1), plan(n_prefill=2), plan(n_prefill=1, n_gpu=2),
-             plan(n_prefill=1, n_gpu=8), plan(n_prefill=4, n_gpu=4),
-             plan(prompt=PROMPT_CALIBRATION_BLOCKS * bs),
-             plan(n_prefill=2, n_gpu=4, prompt=PROMPT_CALIBRATION_BLOCKS * bs // 4),
-             plan(n_gpu=1, n_cpu=1, strategy=Strategy.OVERLAP),
-             plan(n_gpu=2, n_cpu=2, strategy=Strategy.OVERLAP),
-             plan(n_gpu=4, n_cpu=8, strategy=Strategy.OVERLAP)]
-    most_host = max(len(p.cpu_decodes) for p in plans)
+    plans = [plan(), plan(n_prefill=2), plan(n_gpu=2), plan(n_gpu=8), plan(n_prefill=4, n_gpu=4),
+             plan(prompt=longest), plan(n_prefill=2, n_gpu=4, prompt=longest // 4)]
     prompt_blocks = list(range(PROMPT_CALIBRATION_BLOCKS))
     tables = {GPU: {**{s.seq_id: [0] for p in plans for s in p.gpu_decodes},
-                    **{s.seq_id: prompt_blocks for p in plans for s, _ in p.prefills}},
-              CPU: {s.seq_id: list(range(i * HOST_CALIBRATION_BLOCKS, (i + 1) * HOST_CALIBRATION_BLOCKS))
-                    for p in plans for i, s in enumerate(p.cpu_decodes)}}
-    gpu_pool = _pool(engine, PROMPT_CALIBRATION_BLOCKS + 1, engine.device)   # + a scratch block
-    cpu_pool = _pool(engine, most_host * HOST_CALIBRATION_BLOCKS, "cpu", pin=engine.streams.pin)
+                    **{s.seq_id: prompt_blocks for p in plans for s, _ in p.prefills}}}
+    pool = _pool(engine, PROMPT_CALIBRATION_BLOCKS + 1, engine.device)     # + a scratch block
     worker = CPUAttentionWorker(engine.cfg.cpu_threads)
     try:
-        runner = engine.make_runner(gpu_pool, PROMPT_CALIBRATION_BLOCKS, worker, cpu_pool)
+        runner = engine.make_runner(pool, PROMPT_CALIBRATION_BLOCKS, worker)
         times = _time_plans(runner, plans, tables, repeats)
     finally:
         worker.close()
@@ -501,24 +488,13 @@ def fit_scale_and_offset(points: list[tuple[float, float]]) -> tuple[float, floa
 
 
 def calibrate(profile: Profile, engine, grid: Grid = QUICK, repeats: int = 7) -> Profile:
-    """Measure whole decode-only iterations, then fit the fixed per-iteration overhead of the
-    layer loop from tiny real iterations; on a CPU "device" also the share of host work that
-    overlap fails to hide (both compete for the same cores)."""
+    """Measure whole decode-only iterations, then fit the layer loop's scale and fixed
+    per-iteration overhead on real iterations."""
     profile.decode_iteration = decode_iteration_table(engine, grid)
     runs = calibration_runs(engine, repeats)
     bare = Predictor(profile, bucket_decode=engine.cfg.bucket_decode)
-    device_runs = [(bare.iteration_time(s, st), m) for s, st, m in runs if not s.n_cpu_decodes]
-    profile.layer_loop_scale, profile.overhead = fit_scale_and_offset(device_runs)
-    bare = Predictor(profile, bucket_decode=engine.cfg.bucket_decode)
-    if engine.device.type == "cpu":
-        shares = []
-        for shape, strategy, measured in runs:
-            if shape.n_cpu_decodes:
-                parts = bare.breakdown(shape, strategy)     # with the whole host job unhidden
-                host = parts["cpu_decode_attn_s"] * profile.layer_loop_scale
-                rest = parts["total_s"] - host
-                shares.append((measured - profile.overhead - rest) / host)
-        profile.overlap_slowdown = min(2.0, max(0.05, statistics.median(shares)))
+    predicted = [(bare.iteration_time(shape, strategy), m) for shape, strategy, m in runs]
+    profile.layer_loop_scale, profile.overhead = fit_scale_and_offset(predicted)
     return profile
 
 

@@ -42,7 +42,7 @@ def sample_profile(key=None, **changes) -> Profile:
 # ------------------------------------------------------------------------------- JSON and cache
 
 def test_profile_json_round_trip(tmp_path):
-    p = sample_profile(key={"device": "cpu", "model": {"hidden_size": 64}}, overlap_slowdown=0.7)
+    p = sample_profile(key={"device": "cpu", "model": {"hidden_size": 64}}, layer_loop_scale=0.7)
     p.to_json(tmp_path / "p.json")
     assert Profile.from_json(tmp_path / "p.json") == p
 
@@ -180,7 +180,7 @@ def test_cpu_device_overlap_is_additive():
     key = {"device": "cpu", "block_size": 16}
     both = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024, n_cpu_decodes=8, cpu_decode_kv=1024)
     on_gpu = Predictor(sample_profile()).breakdown(both, Strategy.OVERLAP)
-    on_cpu = Predictor(sample_profile(key=key, overlap_slowdown=1.0)).breakdown(both, Strategy.OVERLAP)
+    on_cpu = Predictor(sample_profile(key=key)).breakdown(both, Strategy.OVERLAP)
     assert on_cpu["xfer_s"] == 0.0                       # the runner copies nothing
     assert on_cpu["layers_s"] == pytest.approx(on_cpu["linear_s"] + on_cpu["gpu_decode_attn_s"]
                                                + on_cpu["cpu_decode_attn_s"])
