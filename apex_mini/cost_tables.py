@@ -13,9 +13,6 @@ Tables (x values ascending; times are per decoder layer unless said otherwise):
     d2h, h2d          [bytes]                  -> one copy between device and host
     lm_head           [rows]                   -> final norm + LM head + sampling (whole model)
     overhead          scalar                   -> fixed per-iteration cost (scheduling, launch)
-    layer_loop_scale  scalar                   -> real layer-loop time / the sum of its pieces
-                                                  (pieces timed alone carry their own call
-                                                  overheads; fitted with `overhead`)
     decode_iteration  [n_seqs, total KV tokens] -> a whole decode-only, device-only iteration
                                                   (the runner's static decode step; measured
                                                   only, empty in analytic profiles)
@@ -49,7 +46,6 @@ class Profile:
     # Optional; 0 means "not measured" and the predictor leaves that cost out.
     kv_block_bytes: int = 0            # one KV block, all layers, k and v: what a swap copies
     host_job_s: float = 0.0            # per layer: hand host rows to the CPU worker and join
-    layer_loop_scale: float = 1.0      # calibrated: real layer-loop time / the tables' sum
     decode_iteration: list[list[float]] = field(default_factory=list)  # [[n_seqs, kv_tokens, s], ...]
 
     def to_json(self, path: str | Path) -> None:

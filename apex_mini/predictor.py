@@ -9,8 +9,7 @@ Per layer, with `pre`/`post` the linear work before and after attention (QKV; O 
                in the runner's exact order; the weights are read twice
 
 plus, once per iteration (per sub-batch when pipelined): LM head, the fixed overhead, and
-any swaps; the layer loop and LM head times `layer_loop_scale`, calibrated on real
-iterations (pieces timed alone carry call overheads the real loop does not). A decode-only, device-only iteration does not run the layer loop at all but the
+any swaps. A decode-only, device-only iteration does not run the layer loop at all but the
 runner's static decode step (decode_step.py, CUDA graphs), whose Python and launch costs differ
 from the loop's; when the profile has measured it whole (`decode_iteration`), that table is
 the prediction (plus swaps).
@@ -171,15 +170,12 @@ class Predictor:
         if self.decode_iteration is not None and _decode_only(shape):
             out = self._decode_step(shape)
             out.update(self._per_iteration(shape), lm_head_s=0.0, overhead_s=0.0)
+        elif strategy is Strategy.PIPELINE and pipelines(shape):
+            out = self._pipeline(shape)
+            out.update(self._per_iteration(shape, split=shape.n_cpu_decodes - shape.n_cpu_decodes // 2))
         else:
-            if strategy is Strategy.PIPELINE and pipelines(shape):
-                out = self._pipeline(shape)
-                out.update(self._per_iteration(shape, split=shape.n_cpu_decodes - shape.n_cpu_decodes // 2))
-            else:
-                out = self._merged(shape)
-                out.update(self._per_iteration(shape))
-            scale = self.profile.layer_loop_scale
-            out["layers_s"], out["lm_head_s"] = scale * out["layers_s"], scale * out["lm_head_s"]
+            out = self._merged(shape)
+            out.update(self._per_iteration(shape))
         out["total_s"] = out["layers_s"] + out["lm_head_s"] + out["overhead_s"] + out["swap_s"]
         return out
 

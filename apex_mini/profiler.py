@@ -9,8 +9,8 @@
     host_job_s        one round trip to the CPU worker thread
     decode_iteration  whole decode-only iterations through a real `ModelRunner.execute` (the
                       static decode step, CUDA graphs when on), vs (sequences, KV rows read)
-    layer_loop_scale, fitted on real `ModelRunner.execute` calls that run the layer loop:
-    overhead          measured = scale * (the tables' prediction) + overhead
+    overhead          calibrated: real `ModelRunner.execute` calls (with prefills, so they run
+                      the layer loop) minus the prediction
 
 Every point runs twice as warm-up (the second run sets the time estimate), then `repeats`
 times, round robin over the points; the lower quartile counts (see `lower_quartile`). Device
@@ -472,29 +472,14 @@ def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strateg
     return [(BatchShape.from_plan(p), p.strategy, t) for p, t in zip(plans, times)]
 
 
-def fit_scale_and_offset(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """Least squares `measured = scale * predicted + offset` over (predicted, measured) pairs,
-    with offset >= 0 and scale in [0.2, 5]: the tables' pieces, timed one by one, may carry
-    more (or less) call overhead than the real loop that runs them back to back."""
-    xs, ys = [p for p, _ in points], [m for _, m in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    scale = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var > 0 else 1.0
-    offset = my - scale * mx
-    if offset < 0 or not 0.2 <= scale <= 5.0:             # through the origin instead
-        scale, offset = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
-    scale = min(5.0, max(0.2, scale))
-    return scale, max(0.0, offset)
-
-
 def calibrate(profile: Profile, engine, grid: Grid = QUICK, repeats: int = 7) -> Profile:
-    """Measure whole decode-only iterations, then fit the layer loop's scale and fixed
-    per-iteration overhead on real iterations."""
+    """Measure whole decode-only iterations, then the layer loop's fixed per-iteration
+    overhead: the median of (measured - predicted) over real iterations, at least 0."""
     profile.decode_iteration = decode_iteration_table(engine, grid)
     runs = calibration_runs(engine, repeats)
     bare = Predictor(profile, bucket_decode=engine.cfg.bucket_decode)
-    predicted = [(bare.iteration_time(shape, strategy), m) for shape, strategy, m in runs]
-    profile.layer_loop_scale, profile.overhead = fit_scale_and_offset(predicted)
+    residuals = [m - bare.iteration_time(shape, strategy) for shape, strategy, m in runs]
+    profile.overhead = max(0.0, statistics.median(residuals))
     return profile
 
 

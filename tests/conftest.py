@@ -56,11 +56,6 @@ CKPT_CONFIGS: dict[str, dict] = {
 }
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
-
-
 def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
     """Generated pseudo-English with digits, punctuation and a few accented/CJK words, so the
     trained vocabulary has real merges and byte fallback covers everything else."""

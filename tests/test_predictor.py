@@ -42,7 +42,7 @@ def sample_profile(key=None, **changes) -> Profile:
 # ------------------------------------------------------------------------------- JSON and cache
 
 def test_profile_json_round_trip(tmp_path):
-    p = sample_profile(key={"device": "cpu", "model": {"hidden_size": 64}}, layer_loop_scale=0.7)
+    p = sample_profile(key={"device": "cpu", "model": {"hidden_size": 64}}, host_job_s=7e-5)
     p.to_json(tmp_path / "p.json")
     assert Profile.from_json(tmp_path / "p.json") == p
 
@@ -153,27 +153,6 @@ def test_decode_only_iterations_come_from_their_measured_table():
                               gpu_decode_kv=1024)
     assert pred.iteration_time(with_prefill, Strategy.GPU_ONLY) == pytest.approx(
         Predictor(sample_profile(), bucket_decode=True).iteration_time(with_prefill, Strategy.GPU_ONLY))
-
-
-def test_layer_loop_scale_multiplies_the_loop_not_the_fixed_costs():
-    shape = BatchShape(prefill_tokens=(16,), prefill_context=(16,), n_gpu_decodes=8,
-                       gpu_decode_kv=1024, swap_out_blocks=1)
-    plain = Predictor(sample_profile()).breakdown(shape, Strategy.GPU_ONLY)
-    scaled = Predictor(sample_profile(layer_loop_scale=1.5)).breakdown(shape, Strategy.GPU_ONLY)
-    assert scaled["total_s"] == pytest.approx(
-        1.5 * (plain["layers_s"] + plain["lm_head_s"]) + plain["overhead_s"] + plain["swap_s"])
-
-
-@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (0.5, 2e-3), (2.0, 1e-4)])
-def test_fit_scale_and_offset_recovers_a_line(scale, offset):
-    xs = [1e-3, 2e-3, 5e-3, 1e-2, 3e-2]
-    assert profiler.fit_scale_and_offset([(x, scale * x + offset) for x in xs]) == pytest.approx(
-        (scale, offset))
-
-
-def test_fit_scale_and_offset_never_gives_a_negative_offset():
-    scale, offset = profiler.fit_scale_and_offset([(1.0, 0.5), (2.0, 1.9), (3.0, 3.1)])
-    assert offset == 0.0 and scale == pytest.approx((0.5 + 3.8 + 9.3) / 14)
 
 
 def test_cpu_device_overlap_is_additive():
