@@ -137,11 +137,7 @@ def serve(args, argv) -> int:
                 "torch_threads": torch.get_num_threads()}
     rep = metrics.report(rows, workload, model_info, hardware, "apex_mini.bench serve", argv,
                          simulated=False)
-    print(metrics.markdown(rep))
-    metrics.write_outputs(rep, args.json, args.markdown)
-    if args.plot:
-        from .bench_plot import save_plot
-        save_plot(rep, args.plot, f"measured: {model_info['name']}, {args.workload} workload")
+    metrics.publish(rep, args, f"measured: {model_info['name']}, {args.workload} workload")
     return 0
 
 

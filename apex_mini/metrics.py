@@ -190,6 +190,15 @@ def _describe(d: dict) -> str:
     return ", ".join(parts)
 
 
+def publish(rep: dict, args, title: str) -> None:
+    """Print the report's markdown table, write --json / --markdown, and plot to --plot."""
+    print(markdown(rep))
+    write_outputs(rep, args.json, args.markdown)
+    if args.plot:
+        from .bench_plot import save_plot
+        save_plot(rep, args.plot, title)
+
+
 def write_outputs(rep: dict, json_path: str | None, markdown_path: str | None) -> None:
     for path, text in ((json_path, json.dumps(rep, indent=1)), (markdown_path, markdown(rep))):
         if path:

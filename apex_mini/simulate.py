@@ -253,16 +253,13 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_kv_blocks": machine.cpu_blocks, "block_size": cfg.block_size}
     rep = metrics.report(rows, workload, model, hardware, "apex_mini.simulate", argv,
                          simulated=True)
-    print(metrics.markdown(rep))
     if args.compare_to:
         measured = json.loads(Path(args.compare_to).read_text())
         rep["validation"] = {"measured": args.compare_to,
                              "policies": metrics.compare(rep, measured)}
+    metrics.publish(rep, args, f"simulated: {hardware['name']}, {model_name}, {args.workload}")
+    if args.compare_to:
         print(metrics.compare_markdown(rep["validation"]["policies"]))
-    metrics.write_outputs(rep, args.json, args.markdown)
-    if args.plot:
-        from .bench_plot import save_plot
-        save_plot(rep, args.plot, f"simulated: {hardware['name']}, {model_name}, {args.workload}")
     return 0
 
 
