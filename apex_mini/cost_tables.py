@@ -20,12 +20,12 @@ Tables (x values ascending; times are per decoder layer unless said otherwise):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .plan import Plan
 
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 
 
 @dataclass
@@ -58,6 +58,11 @@ class Profile:
         if data.get("version") != PROFILE_VERSION:
             raise ValueError(f"profile {str(path)!r} has version {data.get('version')}, expected "
                              f"{PROFILE_VERSION}; profile again")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"profile {str(path)!r} has fields this version does not know "
+                             f"({', '.join(unknown)}); profile again")
         return cls(**data)
 
 

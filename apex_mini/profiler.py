@@ -132,7 +132,10 @@ def load_profile(path: str | Path, key: dict) -> tuple[Profile | None, str]:
         stored = data.get("key") or {}
         diff = sorted(k for k in set(key) | set(stored) if key.get(k) != stored.get(k))
         return None, f"profile {path} was measured for a different {', '.join(diff)}"
-    return Profile.from_json(path), ""
+    try:
+        return Profile.from_json(path), ""
+    except ValueError as e:                      # fields of another apex_mini version
+        return None, str(e)
 
 
 # ------------------------------------------------------------------------------- timing

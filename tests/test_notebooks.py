@@ -54,13 +54,15 @@ def test_notebook_is_valid_and_saved_without_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path, monkeypatch):
-    """Execute every cell in a fresh python3 kernel, with notebooks/ as the working directory."""
+def test_notebook_runs(path, monkeypatch, tmp_path):
+    """Execute every cell in a fresh python3 kernel, with notebooks/ as the working directory
+    and a private profile cache (a user's cached profiles are neither read nor written)."""
     import nbformat
     from nbclient import NotebookClient
 
     # The kernel inherits this environment: import apex_mini from this checkout even when it
     # is not installed, and skip torch.compile's cost unless the notebook sets it itself.
+    monkeypatch.setenv("APEX_MINI_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if "APEX_MINI_EAGER_CPU_ATTENTION" not in _source(path):
         monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "1")

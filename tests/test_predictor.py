@@ -53,7 +53,8 @@ def fake_engine(path, dtype=torch.float32):
                                  device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("damage", ["missing", "version", "key", "garbage", "current"])
+@pytest.mark.parametrize("damage", ["missing", "version", "key", "garbage", "unknown-field",
+                                    "current"])
 def test_stale_or_mismatched_profile_is_measured_again(tmp_path, monkeypatch, damage):
     path = tmp_path / "profile.json"
     engine = fake_engine(path)
@@ -69,6 +70,9 @@ def test_stale_or_mismatched_profile_is_measured_again(tmp_path, monkeypatch, da
         sample_profile(key=other).to_json(path)
     elif damage == "garbage":
         path.write_text("{not json")
+    elif damage == "unknown-field":                 # same version, written by other code
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "layer_loop_scale": 0.5}))
     fresh = sample_profile(key=dict(key), overhead=42.0)
     calls = []
     monkeypatch.setattr(profiler, "profile_engine",
