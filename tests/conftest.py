@@ -28,6 +28,7 @@ All checkpoints share VOCAB_SIZE (= the tokenizer's size), BOS_ID 1, EOS_ID 2, U
 from __future__ import annotations
 
 import io
+import os
 import random
 import shutil
 from pathlib import Path
@@ -107,6 +108,18 @@ def build_checkpoint(kind: str, out_dir: Path, tokenizer_model: Path | None = No
     if tokenizer_model is not None:
         shutil.copy(tokenizer_model, out_dir / "tokenizer.model")
     return out_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_profile_cache(tmp_path_factory):
+    """No test reads or writes the user's cached profiles (~/.cache/apex_mini)."""
+    old = os.environ.get("APEX_MINI_CACHE")
+    os.environ["APEX_MINI_CACHE"] = str(tmp_path_factory.mktemp("apex_cache"))
+    yield
+    if old is None:
+        os.environ.pop("APEX_MINI_CACHE", None)
+    else:
+        os.environ["APEX_MINI_CACHE"] = old
 
 
 @pytest.fixture(scope="session")
