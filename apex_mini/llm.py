@@ -102,9 +102,13 @@ class LLM:
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
                ) -> Iterator[tuple[int | None, str]]:
         """Yield (token id, new text) for one request as tokens come; a last (None, text) flushes
-        any bytes still held back (an unfinished multi-byte character)."""
+        any bytes still held back (an unfinished multi-byte character). The texts continue the
+        prompt: printed after it, they read as the decoded prompt + output."""
         (seq,) = self.submit([prompt], sampling_params)
-        decoder = self.tokenizer.stream() if self.tokenizer is not None else None
+        # The prompt's last ids as context: the first piece keeps its leading space (" was"
+        # after "Lily and Ben"), which decoding it alone would drop.
+        decoder = (self.tokenizer.stream(seq.token_ids[:seq.prompt_len])
+                   if self.tokenizer is not None else None)
         seen = 0
         while self.engine.has_work():
             self.engine.step()

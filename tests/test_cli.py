@@ -27,6 +27,21 @@ def test_single_prompt_streams_and_summarises(mha_ckpt, capsys):
     assert "5 tokens in" in err and "tok/s" in err
 
 
+def test_streamed_text_continues_the_prompt(mha_ckpt):
+    """Prompt + streamed pieces read exactly as the decoded prompt and output together: the
+    first piece keeps its leading space."""
+    from apex_mini import LLM, SamplingParams
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32")
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for prompt in ("hello world", "Kalo mi"):
+        pieces = list(llm.stream(prompt, params))
+        ids = [t for t, _ in pieces if t is not None]
+        prompt_ids = llm.tokenizer.encode(prompt)
+        assert prompt + "".join(text for _, text in pieces) == \
+            llm.tokenizer.decode(prompt_ids + ids)
+    llm.close()
+
+
 def test_several_prompts_from_file(mha_ckpt, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\ntwo\n\nthree\n")
