@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import Engine
     from .predictor import Predictor
     from .weights import model_for, resolve_device
-    from .profiler import FULL, QUICK, cache_path, engine_key, load_profile, profile_engine
+    from .profiler import (DECODE_POOL_BYTES, FULL, QUICK, cache_path, engine_key, load_profile,
+                           profile_engine)
     args = build_parser().parse_args(argv)
     if args.json and not args.report:
         raise ValueError("--json writes the --report results; add --report")
@@ -160,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EngineConfig.from_cli(args)
     model, name = model_for(args.model, args.model_shape, cfg.dtype, resolve_device(cfg.device))
     progress = not args.no_progress
-    # An engine only for its pools and runner settings (policy gpu-only: no predictor needed).
-    engine = Engine(model, _replace(cfg, policy="gpu-only", gpu_kv_blocks=cfg.gpu_kv_blocks or 16))
+    # An engine only for its pools and runner settings (policy gpu-only: no predictor needed);
+    # its device pool is where whole decode iterations are timed.
+    per_block = model.config.kv_bytes_per_token(next(model.parameters()).element_size()) * cfg.block_size
+    blocks = cfg.gpu_kv_blocks or max(16, DECODE_POOL_BYTES // per_block)
+    engine = Engine(model, _replace(cfg, policy="gpu-only", gpu_kv_blocks=blocks))
     key = engine_key(engine)
     path = cache_path(key)
     profile, why = load_profile(path, key) if args.reuse else (None, "")

@@ -148,7 +148,7 @@ def lower_quartile(times: list[float]) -> float:
 
 
 KV_COPIES_BYTES = 256 << 20   # per-layer KV copies are capped at this much memory per tier
-DECODE_POOL_BYTES = 2 << 30   # the decode-iteration pool; larger points reuse its blocks
+DECODE_POOL_BYTES = 2 << 30   # `python -m apex_mini.profile`'s device pool, for decode_iteration
 
 
 class Timer:
@@ -379,13 +379,6 @@ class Profiler:
 
 # ------------------------------------------------------------------------------- calibration
 
-def _pool(engine, blocks: int, device, pin: bool = False) -> KVPool:
-    """An empty KV pool of the engine's layout, for timing real iterations."""
-    mc = engine.model_config
-    return KVPool(mc.num_hidden_layers, blocks, engine.cfg.block_size, mc.num_key_value_heads,
-                  mc.head_dim, engine.dtype, device=device, pin=pin)
-
-
 def _fake_seq(ids, ctx: int, tier: str, decoding: bool):
     """A running request of `ctx` tokens whose KV (all but the newest token, when decoding)
     is cached in `tier`."""
@@ -411,17 +404,16 @@ def _time_plans(runner, plans, tables, repeats: int) -> list[float]:
 
 def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
     """[[n_seqs, kv_tokens, s], ...]: whole decode-only iterations, timed as the engine times
-    them (`runner.execute`), on a device pool of the profiler's own. Every sequence holds
-    kv_tokens / n_seqs tokens (whole blocks); past `DECODE_POOL_BYTES` block ids repeat, so a
-    big point reads the same memory more than once, as a real pool of that size would not."""
+    them (`runner.execute`), on the engine's device pool, still empty (profiling comes before
+    any request; the profile command sizes that pool at `DECODE_POOL_BYTES`). Every sequence
+    holds kv_tokens / n_seqs tokens (whole blocks); past the pool's size block ids repeat, so
+    a big point reads some memory twice, where a pool of its size would not."""
     from .cpu_attention import CPUAttentionWorker
     from .plan import Plan
     from .sequence import GPU
     bs = engine.cfg.block_size
     points = [(n, kv) for n in grid.seqs for kv in grid.kv if kv % (n * bs) == 0]
-    blocks = max(kv for _, kv in points) // bs
-    blocks = max(1, min(blocks, DECODE_POOL_BYTES // engine.kv_bytes_per_block))
-    pool = _pool(engine, blocks + 1, engine.device)                    # + a scratch block
+    blocks = engine.gpu_blocks.num_blocks
     ids = iter(range(1 << 30))
     plans, tables = [], {GPU: {}}
     for n, kv in points:
@@ -432,11 +424,10 @@ def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
         plans.append(Plan(gpu_decodes=seqs))
     worker = CPUAttentionWorker(engine.cfg.cpu_threads)
     try:
-        runner = engine.make_runner(pool, blocks, worker)
+        runner = engine.make_runner(engine.gpu_pool, engine.scratch_block, worker)
         times = _time_plans(runner, plans, tables, grid.repeats)
     finally:
         worker.close()
-    del pool
     return [[n, kv, t] for (n, kv), t in zip(points, times)]
 
 
@@ -446,7 +437,7 @@ PROMPT_CALIBRATION_BLOCKS = 16  # the longest calibration prompt, in blocks
 def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strategy, float]]:
     """Time a few real iterations that run the layer loop (with a prefill: decode-only ones
     take the static decode step, which `decode_iteration_table` measures whole) through a
-    `ModelRunner` on a pool of their own: prompts from a few tokens to
+    `ModelRunner` on the engine's (still empty) device pool: prompts from a few tokens to
     `PROMPT_CALIBRATION_BLOCKS` blocks, beside decodes of a few tokens in block 0. Returns
     (shape, strategy, lower-quartile measured seconds) per plan."""
     from .cpu_attention import CPUAttentionWorker
@@ -462,13 +453,12 @@ def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strateg
 
     plans = [plan(), plan(n_prefill=2), plan(n_gpu=2), plan(n_gpu=8), plan(n_prefill=4, n_gpu=4),
              plan(prompt=longest), plan(n_prefill=2, n_gpu=4, prompt=longest // 4)]
-    prompt_blocks = list(range(PROMPT_CALIBRATION_BLOCKS))
+    prompt_blocks = [b % engine.gpu_blocks.num_blocks for b in range(PROMPT_CALIBRATION_BLOCKS)]
     tables = {GPU: {**{s.seq_id: [0] for p in plans for s in p.gpu_decodes},
                     **{s.seq_id: prompt_blocks for p in plans for s, _ in p.prefills}}}
-    pool = _pool(engine, PROMPT_CALIBRATION_BLOCKS + 1, engine.device)     # + a scratch block
     worker = CPUAttentionWorker(engine.cfg.cpu_threads)
     try:
-        runner = engine.make_runner(pool, PROMPT_CALIBRATION_BLOCKS, worker)
+        runner = engine.make_runner(engine.gpu_pool, engine.scratch_block, worker)
         times = _time_plans(runner, plans, tables, repeats)
     finally:
         worker.close()
