@@ -137,8 +137,10 @@ class _Compiled:
         # and runs _fused_decode eagerly (which would be slow and huge). Dynamo's config is
         # per thread, and every worker thread calls this, so each one raises its own limit.
         dyn = torch._dynamo.config
-        if dyn.recompile_limit < 64:
-            dyn.recompile_limit = 64
+        # (Older torch releases call it cache_size_limit.)
+        name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+        if getattr(dyn, name) < 64:
+            setattr(dyn, name, 64)
         with self._lock:
             if self._fn is None:
                 self._fn = torch.compile(_fused_decode)
