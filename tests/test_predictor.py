@@ -72,7 +72,7 @@ def test_stale_or_mismatched_profile_is_measured_again(tmp_path, monkeypatch, da
         path.write_text("{not json")
     elif damage == "unknown-field":                 # same version, written by other code
         data = json.loads(path.read_text())
-        path.write_text(json.dumps({**data, "layer_loop_scale": 0.5}))
+        path.write_text(json.dumps({**data, "a_field_from_elsewhere": 0.5}))
     fresh = sample_profile(key=dict(key), overhead=42.0)
     calls = []
     monkeypatch.setattr(profiler, "profile_engine",
