@@ -21,16 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import slots_for
-from .plan import Plan
+from .plan import Plan, bucket
 from .sequence import CPU, GPU, Sequence
 
 Rows = slice | torch.Tensor      # rows of the flat batch: a slice when they are contiguous
-
-
-def bucket(n: int) -> int:
-    """Smallest power of two >= n: decode shapes come from a short list, so static buffers and
-    captured graphs can be reused."""
-    return 1 << max(0, n - 1).bit_length()
 
 
 def take_rows(t: torch.Tensor, rows: Rows) -> torch.Tensor:

@@ -207,17 +207,20 @@ def write_outputs(rep: dict, json_path: str | None, markdown_path: str | None) -
             print(f"wrote {path}", file=sys.stderr)
 
 
-def machine_info(device=None) -> dict:
-    """This machine: CPU model and cores, torch version, and the GPU when one is used."""
-    cpu = platform.processor() or platform.machine()
+def host_cpu_name() -> str:
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch": _torch_version()}
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device=None) -> dict:
+    """This machine: CPU model and cores, torch version, and the GPU when one is used."""
+    info = {"cpu": host_cpu_name(), "cpu_cores": os.cpu_count(), "torch": _torch_version()}
     if device is not None and getattr(device, "type", str(device)) == "cuda":
         import torch
         info["gpu"] = torch.cuda.get_device_name(device)

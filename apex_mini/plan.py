@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from .sequence import Sequence
 
 
+def bucket(n: int) -> int:
+    """Smallest power of two >= n: decode batches and block-table widths are padded to these,
+    so static buffers and captured graphs are reused (and the predictor prices the padding)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 class Strategy(str, enum.Enum):
     GPU_ONLY = "gpu-only"    # every scheduled request's KV is on the device
     OVERLAP = "overlap"      # one merged batch; host attention overlaps device attention

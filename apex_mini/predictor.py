@@ -28,7 +28,7 @@ import bisect
 import statistics
 
 from .cost_tables import BatchShape, Profile
-from .plan import Strategy
+from .plan import Strategy, bucket
 
 PIPELINE_SIM_LAYERS = 4       # the pipeline is periodic after its first layer; extrapolate
 
@@ -75,10 +75,6 @@ def pipelines(shape: BatchShape) -> bool:
     """Mirrors the runner: it splits only with a host decode and something to pair it with."""
     return shape.n_cpu_decodes >= 1 and (bool(shape.prefill_tokens) or shape.n_gpu_decodes > 0
                                          or shape.n_cpu_decodes >= 2)
-
-
-def bucket(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def _decode_only(shape: BatchShape) -> bool:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from . import attention as dev_attn
 from .cost_tables import PROFILE_VERSION, BatchShape, Profile
 from .kv_cache import KVPool, copy_blocks
+from .metrics import host_cpu_name
 from .plan import Plan, Strategy
 from .predictor import Predictor
 
@@ -64,16 +64,6 @@ FULL = Grid(tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
 
 
 # ------------------------------------------------------------------------------- keys and cache
-
-def host_cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def profile_key(model_config, dtype: torch.dtype, device: torch.device, block_size: int,
                 cpu_threads: int, compiled: bool) -> dict:

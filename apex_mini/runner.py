@@ -23,11 +23,11 @@ import time
 import torch
 
 from . import attention as dev_attn
-from .batch import (Batch, build_batch, build_decode_inputs, bucket, sampling_tensors, take_rows)
+from .batch import Batch, build_batch, build_decode_inputs, sampling_tensors, take_rows
 from .cpu_attention import append_kv, paged_decode_attention as host_decode_attention
 from .decode_step import DecodeStep
 from .kv_cache import KVPool, copy_blocks
-from .plan import Plan, Strategy
+from .plan import Plan, Strategy, bucket
 from .sampling import sample
 from .sequence import CPU, GPU
 from .streams import Streams, wait_event
