@@ -12,6 +12,7 @@ and compares each iteration's predicted time with the measured one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 
@@ -63,7 +64,6 @@ def workload(n: int, vocab: int, max_len: int, seed: int = 0) -> list[tuple[list
 def make_engine(model, cfg: EngineConfig, run: str, predictor):
     """An engine whose policy is `run`: apex, gpu-only, or apex's placement with one strategy
     forced (overlap, pipeline)."""
-    import dataclasses
     from .engine import Engine
     from .plan import Strategy
     from .predictive_policies import ForcedStrategyPolicy
@@ -88,10 +88,10 @@ def run_report(model, cfg: EngineConfig, predictor, requests: int = 16, seed: in
     if cfg.gpu_kv_blocks is None:      # room for about a third of the requests: the host tier works
         need = sum(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)
         most = max(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)
-        cfg = _replace(cfg, gpu_kv_blocks=max(most + 1, need // 3))
+        cfg = dataclasses.replace(cfg, gpu_kv_blocks=max(most + 1, need // 3))
     if cfg.cpu_kv_blocks is None:      # not the default gigabytes: each run builds an engine
         need = sum(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)
-        cfg = _replace(cfg, cpu_kv_blocks=need + 1)
+        cfg = dataclasses.replace(cfg, cpu_kv_blocks=need + 1)
     records, per_run, points = [], {}, []
     runs = [("warm-up", "overlap")] + [(r, r) for r in REPORT_RUNS]   # compiles the host kernel too
     for label, run in tqdm(runs, desc="report", unit="run", disable=not progress, leave=False):
@@ -113,11 +113,6 @@ def run_report(model, cfg: EngineConfig, predictor, requests: int = 16, seed: in
                   points=points, gpu_kv_blocks=cfg.gpu_kv_blocks, requests=requests,
                   profile_key=predictor.profile.key)
     return report
-
-
-def _replace(cfg, **changes):
-    import dataclasses
-    return dataclasses.replace(cfg, **changes)
 
 
 def _decision(record, predictor) -> dict:
@@ -165,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     # its device pool is where whole decode iterations are timed.
     per_block = model.config.kv_bytes_per_token(next(model.parameters()).element_size()) * cfg.block_size
     blocks = cfg.gpu_kv_blocks or max(16, DECODE_POOL_BYTES // per_block)
-    engine = Engine(model, _replace(cfg, policy="gpu-only", gpu_kv_blocks=blocks))
+    engine = Engine(model, dataclasses.replace(cfg, policy="gpu-only", gpu_kv_blocks=blocks))
     key = engine_key(engine)
     path = cache_path(key)
     profile, why = load_profile(path, key) if args.reuse else (None, "")
