@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from .cli import add_model_flags, run_cli, write_json
+from .cli import add_model_flags, run_cli, size_list, write_json
 from .config import EngineConfig
 from .engine import Engine
 from .metrics import machine_info
@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.batches, args.new_tokens, args.repeats = "1,8", min(args.new_tokens, 16), 1
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
-    if not batches or min(batches) < 1 or args.prompt_len < 1 or args.new_tokens < 2:
-        raise ValueError("--batches need sizes >= 1, --prompt-len >= 1 and --new-tokens >= 2")
+    batches = size_list(args.batches, "--batches")
+    if args.prompt_len < 1 or args.new_tokens < 2:
+        raise ValueError("--prompt-len needs >= 1 and --new-tokens >= 2")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     # Here --device auto means every device: the CPU, and CUDA when present.

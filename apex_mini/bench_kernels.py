@@ -34,7 +34,7 @@ import torch
 
 from . import cpu_attention as ca
 from .bench_decode import copy_bandwidth_gbps
-from .cli import run_cli, write_json
+from .cli import run_cli, size_list, write_json
 from .metrics import machine_info
 from .weights import MODEL_SHAPES
 
@@ -64,16 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="contexts 512,1024, batches 1,8, the tiny shape, a small pool: a smoke run")
     p.add_argument("--json", default=None, help="write {'copy_gbps': ..., 'rows': [...]} here")
     return p
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag} needs sizes >= 1, got {text!r}")
-    return values
 
 
 class Point:
@@ -171,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.contexts, args.batches, args.shape = "512,1024", "1,8", "tiny"
-    contexts = _ints(args.contexts, "--contexts")
-    batches = _ints(args.batches, "--batches")
+    contexts = size_list(args.contexts, "--contexts")
+    batches = size_list(args.batches, "--batches")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in KERNELS]
     if bad or not modes:

@@ -31,6 +31,18 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                      help="random weights of a named shape instead of a checkpoint")
 
 
+def size_list(text: str, flag: str) -> list[int]:
+    """'1,8,16' -> [1, 8, 16]; anything else (empty, not integers, < 1) is a ValueError naming
+    the flag."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} needs sizes >= 1, got {text!r}")
+    return values
+
+
 def write_json(path: str | None, report: dict) -> None:
     """Write `report` to `path` (folders made as needed) and say so on stderr; None: nothing."""
     if not path:

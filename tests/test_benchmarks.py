@@ -30,9 +30,10 @@ def test_kernels_json_has_every_field(tmp_path, capsys):
     assert "of copy" in text and "goal: >= 50%" in text
 
 
-def test_kernels_bad_flags_are_one_line():
+def test_bad_flags_are_one_line():
     for argv in (["kernels", "--modes", "fast"], ["kernels", "--contexts", "0"],
-                 ["kernels", "--batches", "a,b"]):
+                 ["kernels", "--batches", "a,b"], ["decode", "--batches", "a,b"],
+                 ["decode", "--batches", "0"], ["decode", "--new-tokens", "1"]):
         assert run_cli(lambda: bench.main(argv)) == 2
 
 
