@@ -109,6 +109,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, plan: Plan) -> None:
         self.blocks[seq.tier].free(seq.seq_id)
+        # Moved to the host earlier in this plan, then evicted from there too: its KV is
+        # dropped, so the copy must not run (its destination blocks are free again).
+        plan.swaps = [s for s in plan.swaps if s.seq is not seq]
         self.running.remove(seq)
         seq.status, seq.tier, seq.num_computed = Status.WAITING, None, 0
         seq.num_preemptions += 1

@@ -23,7 +23,7 @@ from apex_mini.config import EngineConfig
 from apex_mini.cost_tables import BatchShape
 from apex_mini.kv_cache import BlockManager
 from apex_mini.plan import Plan, Strategy
-from apex_mini.policies import GpuOnlyPolicy
+from apex_mini.policies import GpuOnlyPolicy, StaticPolicy
 from apex_mini.predictive_policies import PATIENCE, ApexPolicy, NeoPolicy, make_predictive_policy
 from apex_mini.predictor import pipelines
 from apex_mini.sampling import SamplingParams
@@ -267,6 +267,21 @@ def test_preempt_when_both_tiers_full():
     assert plan.preempted and b in plan.preempted and b.status is Status.WAITING
     assert sched.waiting[0] is b and b.num_computed == 0
     assert {a, b, c} <= set(sched.running) | set(sched.waiting)   # nobody lost
+    sched.check_integrity()
+
+
+def test_moved_then_preempted_in_one_plan_copies_nothing():
+    """b is moved to the host to make room for a, then evicted from the host for c, in one
+    schedule() call: b is preempted, and its planned copy is dropped (its destination blocks
+    are free again and may be handed out in the same plan)."""
+    sched = make_sched(StaticPolicy(0.0), gpu_blocks=2, cpu_blocks=4)
+    a = decoding(sched, GPU, ctx=17)               # both need a second block; the device has 2
+    b = decoding(sched, GPU, ctx=17)
+    c = decoding(sched, CPU, ctx=33)               # needs a third block on the host
+    plan = sched.schedule()
+    assert b in plan.preempted and b.status is Status.WAITING
+    assert all(s.seq is not b for s in plan.swaps)
+    assert plan.gpu_decodes == [a] and plan.cpu_decodes == [c]
     sched.check_integrity()
 
 
