@@ -163,9 +163,12 @@ class EngineConfig:
     cuda_graphs: bool = _flag(True, "capture the device part of decode steps in CUDA graphs")
     bucket_decode: bool = _flag(True, "pad decode batches to power-of-two sizes so static shapes "
                                 "can be reused")
-    compile_decode: bool = _flag(False, "torch.compile the decode step's device forward")
+    compile_decode: bool = _flag(False, "torch.compile the decode step's device forward (pays "
+                                 "for long runs; the first steps of each shape compile, ~30 s)")
     latency_margin: float = _flag(0.1, "apex: allowed per-token slowdown over the GPU-only plan "
                                   "(0.1 = 10%)")
+    predictor_feedback: bool = _flag(True, "scale the profile's predictions by the engine's own "
+                                     "recent measured iterations (apex, neo)")
     profile_path: str | None = _flag(None, "profile JSON for the predictor (default: a cached "
                                      "profile for this model and machine)")
     seed: int = _flag(0, "seed for requests that give none")

@@ -72,9 +72,12 @@ class DecodeStep:
                 (m.down_proj.weight, m.down_proj.bias),
                 k_cache, v_cache))
         self.compiled = compile
-        # Default torch.compile settings: the first shape compiles static, a second shape
-        # recompiles once with dynamic sizes. Nothing global is changed.
-        self.run = torch.compile(self.forward) if compile else self.forward
+        # The first shape compiles static, a second shape recompiles once with dynamic sizes.
+        # On the CPU the generated code's wrapper is C++ too (cpp_wrapper): a Python wrapper
+        # costs ~0.2 ms per step, which is a quarter of a small model's whole step.
+        # Nothing global is changed.
+        options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+        self.run = torch.compile(self.forward, options=options) if compile else self.forward
 
     # ------------------------------------------------------------------ the step
 

@@ -1,13 +1,13 @@
 """The paged KV cache: one pure-Python `BlockManager` class and one `KVPool` class, each
 instantiated once per tier (device and host).
 
-Pool layout, the same in both tiers:
+Pool layout, the same in both tiers: per layer, a K and a V tensor of
 
-    [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]
+    [num_blocks, block_size, num_kv_heads, head_dim]
 
 Token t of a sequence lives in block `table[t // block_size]` at offset `t % block_size`, i.e.
-at flat slot `table[t // block_size] * block_size + t % block_size` of `pool[layer, kv]` seen as
-`[num_blocks * block_size, num_kv_heads, head_dim]`.
+at flat slot `table[t // block_size] * block_size + t % block_size` of a layer's K (or V) seen
+as `[num_blocks * block_size, num_kv_heads, head_dim]`.
 """
 from __future__ import annotations
 
@@ -77,26 +77,47 @@ class BlockManager:
 
 
 class KVPool:
-    """The tensor behind one tier. Host pools are pinned when CUDA is present, so copies to and
-    from the device can be asynchronous."""
+    """The tensors behind one tier: for every layer, one K and one V tensor of
+    [num_blocks, block_size, num_kv_heads, head_dim]. Host pools are pinned when CUDA is
+    present, so copies to and from the device can be asynchronous.
+
+    Separate tensors, not views of one big one, because torch.compile must be able to write a
+    layer's K in place: Inductor copies a whole tensor before writing into one that aliases
+    other inputs.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str, pin: bool = False):
-        self.block_size = block_size
-        self.data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
-                                dtype=dtype, device=device, pin_memory=pin)
+        self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
+        self.layers = [tuple(torch.zeros(num_blocks, block_size, num_kv_heads, head_dim,
+                                         dtype=dtype, device=device, pin_memory=pin)
+                             for _kv in range(2))
+                       for _layer in range(num_layers)]
 
     @property
     def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def num_blocks(self) -> int:
-        return self.data.shape[2]
+        return self.layers[0][0].device
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""
-        return self.data[layer_idx, 0], self.data[layer_idx, 1]
+        return self.layers[layer_idx]
+
+    def read_blocks(self, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Copy of whole blocks, every layer: [num_layers, 2 (k, v), len(blocks), block_size,
+        num_kv_heads, head_dim]. `blocks` is a tensor of block ids on this pool's device."""
+        k0 = self.layers[0][0]
+        if out is None:
+            out = k0.new_empty((len(self.layers), 2, len(blocks), *k0.shape[1:]))
+        for l, kv in enumerate(self.layers):
+            for j, cache in enumerate(kv):
+                torch.index_select(cache, 0, blocks, out=out[l, j])
+        return out
+
+    def write_blocks(self, blocks: torch.Tensor, data: torch.Tensor) -> None:
+        """The inverse of read_blocks: data [num_layers, 2, len(blocks), ...] into `blocks`."""
+        for l, kv in enumerate(self.layers):
+            for j, cache in enumerate(kv):
+                cache.index_copy_(0, blocks, data[l, j])
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
@@ -124,11 +145,12 @@ def copy_blocks(src: KVPool, src_blocks: list[int], dst: KVPool, dst_blocks: lis
         # Made on the copy stream, so the allocator cannot reuse them before it is done.
         src_idx = torch.tensor(src_blocks, device=src.device)
         dst_idx = torch.tensor(dst_blocks, device=dst.device)
-        shape = (*src.data.shape[:2], len(src_blocks), *src.data.shape[3:])
+        k0 = src.layer(0)[0]
+        shape = (len(src.layers), 2, len(src_blocks), *k0.shape[1:])   # [L, 2, n, block_size, KVH, D]
         # Host side of a host-to-device move: gather straight into pinned memory.
         gather_pinned = src.device.type == "cpu" and streams.pin
-        moved = torch.empty(shape, dtype=src.data.dtype, device=src.device, pin_memory=gather_pinned)
-        torch.index_select(src.data, 2, src_idx, out=moved)   # [L, 2, n, block_size, KVH, D]
+        moved = src.read_blocks(src_idx, out=torch.empty(shape, dtype=src.dtype, device=src.device,
+                                                         pin_memory=gather_pinned))
         if moved.device != dst.device:
             staged = torch.empty(shape, dtype=moved.dtype, device=dst.device,
                                  pin_memory=dst.device.type == "cpu" and streams.pin)
@@ -136,5 +158,5 @@ def copy_blocks(src: KVPool, src_blocks: list[int], dst: KVPool, dst_blocks: lis
             moved = staged
         if dst.device.type == "cpu":
             streams.copy_stream_sync()                        # the host scatter needs the bytes
-        dst.data.index_copy_(2, dst_idx, moved)
+        dst.write_blocks(dst_idx, moved)
     streams.compute_waits_for_copy()

@@ -47,9 +47,16 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def flat(pool: KVPool) -> torch.Tensor:
-    """The pool seen by slot: [L, 2, num_blocks * block_size, KVH, D] (a view)."""
-    d = pool.data
+    """A copy of the pool seen by slot: [L, 2, num_blocks * block_size, KVH, D]."""
+    d = pool.read_blocks(torch.arange(pool.num_blocks))        # [L, 2, num_blocks, bs, KVH, D]
     return d.view(d.shape[0], 2, -1, *d.shape[-2:])
+
+
+def write_slots(pool: KVPool, slots: list[int], new: torch.Tensor) -> None:
+    """new [L, 2, len(slots), KVH, D] into those slots of every layer's K and V."""
+    for layer, kv in enumerate(pool.layers):
+        for j, cache in enumerate(kv):                     # k, then v
+            cache.view(-1, *cache.shape[-2:])[slots] = new[layer, j]
 
 
 # ------------------------------------------------------------------ one tier
@@ -134,7 +141,7 @@ def test_slots_for_matches_the_pool_layout(table, block_size, data):
     assert all(s // block_size in table for s in slots)
     pool = KVPool(1, 64, block_size, 1, 1, torch.float32, "cpu")
     for t in range(start, end):                              # write by (block, offset)...
-        pool.data[0, 0, table[t // block_size], t % block_size] = t + 1
+        pool.layer(0)[0][table[t // block_size], t % block_size] = t + 1
     read = flat(pool)[0, 0, slots, 0, 0]                     # ...read by slot
     assert read.tolist() == [float(t + 1) for t in range(start, end)]
 
@@ -163,7 +170,7 @@ class TwoTierMachine(RuleBasedStateMachine):
     def _write(self, seq_id: int, start: int, end: int) -> None:
         new = torch.randn(L, 2, end - start, KVH, D, generator=self.gen).to(self.dtype)
         slots = slots_for(self.mgrs[self.tier[seq_id]].tables[seq_id], start, end, self.bs)
-        flat(self.pools[self.tier[seq_id]])[:, :, slots] = new
+        write_slots(self.pools[self.tier[seq_id]], slots, new)
         self.kv[seq_id] = torch.cat([self.kv.get(seq_id, new[:, :, :0]), new], dim=2)
 
     def _move(self, seq_id: int) -> bool:
@@ -175,8 +182,8 @@ class TwoTierMachine(RuleBasedStateMachine):
         dst_blocks = list(self.mgrs[dst].grow(seq_id, n))
         copy_blocks(self.pools[src], src_blocks, self.pools[dst], dst_blocks, CPU_STREAMS)
         # Whole blocks move, so even the unused tail of the last block matches.
-        assert torch.equal(as_bytes(self.pools[src].data[:, :, src_blocks]),
-                           as_bytes(self.pools[dst].data[:, :, dst_blocks]))
+        assert torch.equal(as_bytes(self.pools[src].read_blocks(torch.tensor(src_blocks))),
+                           as_bytes(self.pools[dst].read_blocks(torch.tensor(dst_blocks))))
         self.mgrs[src].free(seq_id)
         self.tier[seq_id] = dst
         return True
@@ -252,15 +259,19 @@ def test_swap_round_trip_is_bit_exact(dtype):
     dev, host = (KVPool(L, 6, bs, KVH, D, dtype, "cpu") for _ in range(2))
     as_int = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
     info = torch.iinfo(as_int)
-    bits = torch.randint(info.min, info.max, dev.data.shape, dtype=torch.int64,
+    every = torch.arange(6)
+    shape = dev.read_blocks(every).shape                    # [L, 2, 6, bs, KVH, D]
+    bits = torch.randint(info.min, info.max, shape, dtype=torch.int64,
                          generator=torch.Generator().manual_seed(1))
-    dev.data.view(as_int).copy_(bits)                       # every bit pattern, NaNs included
-    before = dev.data.clone()
+    dev.write_blocks(every, bits.to(as_int).view(dtype))    # every bit pattern, NaNs included
+    before = dev.read_blocks(every)
     copy_blocks(dev, [4, 1, 2], host, [0, 5, 3], CPU_STREAMS)
-    dev.data.zero_()
+    for cache in (c for kv in dev.layers for c in kv):
+        cache.zero_()
     copy_blocks(host, [0, 5, 3], dev, [4, 1, 2], CPU_STREAMS)
-    assert torch.equal(as_bytes(dev.data[:, :, [4, 1, 2]]), as_bytes(before[:, :, [4, 1, 2]]))
-    assert torch.equal(as_bytes(dev.data[:, :, [0, 3, 5]]), torch.zeros_like(as_bytes(dev.data[:, :, [0, 3, 5]])))
+    after = dev.read_blocks(every)
+    assert torch.equal(as_bytes(after[:, :, [4, 1, 2]]), as_bytes(before[:, :, [4, 1, 2]]))
+    assert torch.equal(as_bytes(after[:, :, [0, 3, 5]]), torch.zeros_like(as_bytes(after[:, :, [0, 3, 5]])))
     copy_blocks(dev, [], host, [], CPU_STREAMS)             # an empty move is allowed
 
 
@@ -268,7 +279,7 @@ def test_bytes_per_block_matches_the_pool():
     for dtype in DTYPES:
         pool = KVPool(L, 3, 16, KVH, D, dtype, "cpu")
         per_block = KVPool.bytes_per_block(L, 16, KVH, D, dtype)
-        assert per_block * 3 == pool.data.numel() * pool.data.element_size()
+        assert per_block * 3 == sum(c.numel() * c.element_size() for kv in pool.layers for c in kv)
 
 
 # ------------------------------------------------------------------ both tiers, the Scheduler's moves
@@ -303,7 +314,7 @@ class FakeRunner:
         for seq, n in plan.scheduled:
             start = seq.num_computed
             slots = slots_for(tables[seq.tier][seq.seq_id], start, start + n, self.bs)
-            flat(self.pools[seq.tier])[:, :, slots] = self.kv_of(seq, start, start + n)
+            write_slots(self.pools[seq.tier], slots, self.kv_of(seq, start, start + n))
             if start + n == seq.num_tokens:
                 tokens.append(7)                 # any non-stop token
         return tokens
@@ -374,3 +385,14 @@ def test_scheduler_moves_keep_tiers_consistent(policy, cpu_fraction, gpu_blocks,
     assert not sched.has_work(), "requests left unfinished"
     assert all(s.status is Status.FINISHED and s.num_output == s.params.max_tokens for s in seqs)
     assert gpu.num_free == gpu.num_blocks and cpu.num_free == cpu.num_blocks
+
+
+def test_pool_tensors_share_no_memory():
+    """Every layer's K and V is its own allocation. A compiled decode step writes them in place
+    only then (Inductor copies a whole tensor that aliases another input before writing to it)."""
+    pool = KVPool(L, 5, 4, KVH, D, torch.float32, "cpu")
+    caches = [c for kv in pool.layers for c in kv]
+    assert len(caches) == 2 * L
+    assert len({c.untyped_storage().data_ptr() for c in caches}) == 2 * L
+    caches[0].fill_(1.0)
+    assert all(c.abs().sum() == 0 for c in caches[1:])
