@@ -25,7 +25,7 @@ from pathlib import Path
 
 from .plan import Plan
 
-PROFILE_VERSION = 4
+PROFILE_VERSION = 5
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The engine: builds the pieces, then loops schedule -> execute -> finish.
 
-The scheduler plans, the runner executes, and the engine only connects them and keeps the
-measured iteration times (for the predictor's error report).
+The scheduler plans, the runner executes, and the engine only connects them, keeps the
+measured iteration times (for the predictor's error report) and tells the predictor each one
+(its feedback correction, feedback.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class IterationRecord:
     plan: Plan
     measured_s: float
     shape: BatchShape | None = None    # the plan as it was scheduled (its requests move on)
+    predicted_s: float | None = None   # the predictor's time for it, asked before it ran
 
 
 class Engine:
@@ -125,11 +127,15 @@ class Engine:
         """One iteration. Returns the plan it ran and the requests that finished."""
         plan = self.scheduler.schedule()
         shape = BatchShape.from_plan(plan)
+        predicted = self.predictor.iteration_time(shape, plan.strategy) if self.predictor else None
         start = time.perf_counter()
         tokens = self.runner.execute(plan, self.block_tables())
         measured = time.perf_counter() - start
         if not plan.is_empty:
-            self.records.append(IterationRecord(plan, measured, shape))
+            self.records.append(IterationRecord(plan, measured, shape, predicted))
+            observe = getattr(self.predictor, "observe", None)   # injected fakes may lack it
+            if observe is not None:
+                observe(shape, plan.strategy, measured)
         if plan.is_empty and not plan.swaps and self.has_work():
             raise RuntimeError("the scheduler made no progress; this is a bug")
         return plan, self.scheduler.finish(plan, tokens)

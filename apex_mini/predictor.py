@@ -19,6 +19,10 @@ the same cores, so nothing hides: the host job adds to the time. (Fitting a hidd
 real iterations was tried; on a 2-core machine it swung between 5% and 170% from run to run,
 while the plain sum predicted served throughput within 10-30%: docs/benchmarks.md.)
 
+With `feedback=True` (the engine's default), every prediction is then scaled by how the
+engine's recent iterations of the same path compared with the tables (feedback.py); the
+`table_s` of a breakdown is the profile's prediction alone.
+
 Interpolation: linear in 1-D, bilinear in 2-D (per measured row, then across rows), linear
 extrapolation past the ends. A table point predicts exactly its own time.
 """
@@ -28,6 +32,7 @@ import bisect
 import statistics
 
 from .cost_tables import BatchShape, Profile
+from .feedback import Feedback
 from .plan import Strategy, bucket
 
 PIPELINE_SIM_LAYERS = 4       # the pipeline is periodic after its first layer; extrapolate
@@ -89,9 +94,10 @@ class Predictor:
     """Iteration time (seconds) of a `BatchShape` under a `Strategy`. Pure arithmetic; cheap
     enough for the scheduler to ask about dozens of candidates per iteration."""
 
-    def __init__(self, profile: Profile, bucket_decode: bool = False):
+    def __init__(self, profile: Profile, bucket_decode: bool = False, feedback: bool = False):
         self.profile = p = profile
         self.bucket_decode = bucket_decode
+        self.feedback = Feedback() if feedback else None
         key = p.key or {}
         self.on_cpu = key.get("device", "cuda") == "cpu"
         self.block_size = int(key.get("block_size", 16))
@@ -156,27 +162,48 @@ class Predictor:
 
     # ---------------------------------------------------------------- strategies
 
+    def path(self, shape: BatchShape, strategy: Strategy) -> str:
+        """How the runner will execute the plan: one of feedback.PATHS."""
+        if self.decode_iteration is not None and _decode_only(shape):
+            return "decode step"
+        if strategy is Strategy.PIPELINE and pipelines(shape):
+            return "pipeline"
+        if shape.n_cpu_decodes or shape.n_host_prefill_tokens:
+            return "overlap"
+        return "layer loop"
+
     def breakdown(self, shape: BatchShape, strategy: Strategy) -> dict[str, float]:
         """Every component in seconds (per-layer pieces already multiplied by the layer count),
-        `layers_s` the critical path of the layer loop, and `total_s` == iteration_time."""
+        `layers_s` the critical path of the layer loop, `table_s` their sum, `correction` the
+        feedback factor and `total_s` == iteration_time == table_s * correction."""
         if shape.num_tokens == 0:
             out = {"layers_s": 0.0, **self._per_iteration(shape)}
-            out["total_s"] = out["swap_s"]          # an empty plan only runs its swaps
+            out["total_s"] = out["table_s"] = out["swap_s"]   # an empty plan only runs its swaps
+            out["correction"] = 1.0
             return out
-        if self.decode_iteration is not None and _decode_only(shape):
+        path = self.path(shape, strategy)
+        if path == "decode step":
             out = self._decode_step(shape)
             out.update(self._per_iteration(shape), lm_head_s=0.0, overhead_s=0.0)
-        elif strategy is Strategy.PIPELINE and pipelines(shape):
+        elif path == "pipeline":
             out = self._pipeline(shape)
             out.update(self._per_iteration(shape, split=shape.n_cpu_decodes - shape.n_cpu_decodes // 2))
         else:
             out = self._merged(shape)
             out.update(self._per_iteration(shape))
-        out["total_s"] = out["layers_s"] + out["lm_head_s"] + out["overhead_s"] + out["swap_s"]
+        out["table_s"] = out["layers_s"] + out["lm_head_s"] + out["overhead_s"] + out["swap_s"]
+        out["correction"] = self.feedback.correction(path) if self.feedback else 1.0
+        out["total_s"] = out["table_s"] * out["correction"]
         return out
 
     def iteration_time(self, shape: BatchShape, strategy: Strategy) -> float:
         return self.breakdown(shape, strategy)["total_s"]
+
+    def observe(self, shape: BatchShape, strategy: Strategy, measured_s: float) -> None:
+        """The engine ran this plan in `measured_s`: update the feedback (no-op without it)."""
+        if self.feedback is not None and shape.num_tokens:
+            table_s = self.breakdown(shape, strategy)["table_s"]
+            self.feedback.observe(self.path(shape, strategy), table_s, measured_s)
 
     def _decode_step(self, shape: BatchShape) -> dict[str, float]:
         """The whole decode-only iteration from its measured table, at the padded batch size
@@ -245,20 +272,28 @@ class Predictor:
     def error_report(self, records) -> dict:
         """Relative error |predicted - measured| / measured over the engine's IterationRecords
         (each needs `.plan` and `.measured_s`; `.shape` is used when present, as a plan's
-        sequences have moved on since it ran)."""
+        sequences have moved on since it ran). The prediction scored is `.predicted_s`, made
+        before the iteration ran, when the record has one; else this predictor's now.
+        `tables_only` scores the profile's tables without the feedback correction."""
         errors: dict[str, list[float]] = {}
+        tables_only: list[float] = []
         for r in records:
-            shape = getattr(r, "shape", None) or BatchShape.from_plan(r.plan)
-            predicted = self.iteration_time(shape, r.plan.strategy)
             if r.measured_s <= 0:
                 continue
+            shape = getattr(r, "shape", None) or BatchShape.from_plan(r.plan)
+            predicted = getattr(r, "predicted_s", None)
+            if predicted is None:
+                predicted = self.iteration_time(shape, r.plan.strategy)
             name = r.plan.strategy.value
             if r.plan.strategy is Strategy.PIPELINE and not pipelines(shape):
                 name = Strategy.OVERLAP.value                  # what the runner actually ran
             errors.setdefault(name, []).append(abs(predicted - r.measured_s) / r.measured_s)
+            table_s = self.breakdown(shape, r.plan.strategy)["table_s"]
+            tables_only.append(abs(table_s - r.measured_s) / r.measured_s)
         everything = [e for errs in errors.values() for e in errs]
         report = _summary(everything)
         report["by_strategy"] = {name: _summary(errs) for name, errs in sorted(errors.items())}
+        report["tables_only"] = _summary(tables_only)
         return report
 
 

@@ -7,7 +7,9 @@
 The profile is saved where the engine looks for it (a cache keyed by model shape, dtype and
 hardware; see profiler.py) and to --out. --report then runs a short mixed workload four times
 (policy apex, GPU-only, and overlap and pipelining forced, so every strategy has iterations)
-and compares each iteration's predicted time with the measured one.
+and compares each iteration's predicted time, asked before it ran, with the measured one. The
+predictor keeps its feedback (feedback.py) from run to run, as a long-running engine would;
+the report also scores the tables alone.
 """
 from __future__ import annotations
 
@@ -109,14 +111,17 @@ def run_report(model, cfg: EngineConfig, predictor, requests: int = 16, seed: in
         records += engine.records
         points += [dict(_decision(r, predictor), run=label) for r in engine.records]
     report = predictor.error_report(records)
-    report.update(by_run=per_run, decisions=[p for p in points if p["run"] == "apex"],
+    report.update(feedback=predictor.feedback.summary() if predictor.feedback else None,
+                  by_run=per_run, decisions=[p for p in points if p["run"] == "apex"],
                   points=points, gpu_kv_blocks=cfg.gpu_kv_blocks, requests=requests,
                   profile_key=predictor.profile.key)
     return report
 
 
 def _decision(record, predictor) -> dict:
-    predicted = predictor.iteration_time(record.shape, record.plan.strategy)
+    predicted = record.predicted_s
+    if predicted is None:
+        predicted = predictor.iteration_time(record.shape, record.plan.strategy)
     return {"plan": record.plan.summary(), "strategy": record.plan.strategy.value,
             "predicted_ms": round(predicted * 1e3, 3), "measured_ms": round(record.measured_s * 1e3, 3),
             "reason": record.plan.reason}
@@ -131,6 +136,13 @@ def format_report(report: dict, show: int = 8) -> str:
                      f"{pct(r['p90_rel_error']):>8s}")
     lines.append(f"{'all':10s} {report['n']:10d} {pct(report['median_rel_error']):>10s} "
                  f"{pct(report['p90_rel_error']):>8s}")
+    tables = report.get("tables_only")
+    if tables and tables["n"]:
+        lines.append(f"{'(tables only, no feedback)':27s} {pct(tables['median_rel_error']):>5s} "
+                     f"{pct(tables['p90_rel_error']):>8s}")
+    if report.get("feedback"):
+        lines.append("feedback corrections at the end: " + ", ".join(
+            f"{path} x{c:.2f}" for path, c in report["feedback"].items()))
     if show and report.get("decisions"):
         lines += ["", f"apex's first {min(show, len(report['decisions']))} decisions "
                       "(predicted / measured, ms):"]
@@ -177,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overhead {profile.overhead * 1e3:.3f} ms/iteration, host job {profile.host_job_s * 1e6:.1f} "
           f"us/layer")
     if args.report:
-        predictor = Predictor(profile, bucket_decode=cfg.bucket_decode)
+        predictor = Predictor(profile, bucket_decode=cfg.bucket_decode,
+                              feedback=cfg.predictor_feedback)
         report = run_report(model, cfg, predictor, args.requests, progress=progress)
         report["model"] = name
         print(format_report(report, args.show))

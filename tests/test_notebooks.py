@@ -18,7 +18,7 @@ PAIRS = {
     "02_kv_cache": ("kv_cache.py",),
     "03_cpu_attention": ("cpu_attention.py",),
     "04_overlap": ("streams.py", "runner.py"),
-    "05_profiler_predictor": ("profiler.py", "predictor.py"),
+    "05_profiler_predictor": ("profiler.py", "predictor.py", "feedback.py"),
     "06_scheduler": ("scheduler.py",),
     "07_benchmarks": ("bench.py",),
 }

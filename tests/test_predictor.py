@@ -14,6 +14,7 @@ import torch
 from apex_mini import profiler
 from apex_mini.config import EngineConfig
 from apex_mini.cost_tables import PROFILE_VERSION, BatchShape, Profile
+from apex_mini.feedback import MIN_SEEN, WINDOW, Feedback
 from apex_mini.plan import Plan, Strategy
 from apex_mini.predictor import Grid2D, Predictor, interp1
 from apex_mini.weights import MODEL_SHAPES
@@ -209,6 +210,76 @@ def test_error_report_math():
     assert pred.error_report([])["median_rel_error"] is None
 
 
+# ------------------------------------------------------------------------------- feedback
+
+def test_feedback_correction_is_the_median_of_recent_ratios():
+    fb = Feedback(window=4, min_seen=3)
+    assert fb.correction("decode step") == 1.0
+    fb.observe("decode step", 1.0, 2.0)
+    fb.observe("decode step", 1.0, 2.0)
+    assert fb.correction("decode step") == 1.0             # too few to go by
+    fb.observe("decode step", 1.0, 50.0)                   # one stalled iteration...
+    assert fb.correction("decode step") == 2.0             # ...does not move the median
+    for _ in range(4):
+        fb.observe("decode step", 2.0, 1.0)                # the machine got faster
+    assert fb.correction("decode step") == 0.5             # the window forgot the old ratios
+    fb.observe("decode step", 0.0, 1.0)                    # nothing predicted: ignored
+    assert fb.correction("decode step") == 0.5
+    assert fb.correction("overlap") == 1.0                 # every path on its own
+    assert fb.summary() == {"decode step": 0.5}
+
+
+def test_predictor_feedback_scales_only_the_path_it_observed():
+    table = [[1, 64, 1e-3], [1, 1024, 2e-3], [8, 1024, 4e-3], [8, 8192, 9e-3]]
+    pred = Predictor(sample_profile(decode_iteration=table), bucket_decode=True, feedback=True)
+    decode = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024)
+    both = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024, n_cpu_decodes=2, cpu_decode_kv=128)
+    assert pred.path(decode, Strategy.GPU_ONLY) == "decode step"
+    assert pred.path(both, Strategy.OVERLAP) == "overlap"
+    assert pred.path(both, Strategy.PIPELINE) == "pipeline"
+    overlap_before = pred.iteration_time(both, Strategy.OVERLAP)
+    for _ in range(MIN_SEEN):
+        pred.observe(decode, Strategy.GPU_ONLY, 1.5 * 4e-3)   # 1.5x the table, every time
+    assert pred.iteration_time(decode, Strategy.GPU_ONLY) == pytest.approx(1.5 * 4e-3)
+    assert pred.iteration_time(both, Strategy.OVERLAP) == overlap_before
+    b = pred.breakdown(decode, Strategy.GPU_ONLY)
+    assert b["table_s"] == pytest.approx(4e-3) and b["total_s"] == pytest.approx(b["table_s"] * b["correction"])
+
+    plain = Predictor(sample_profile(decode_iteration=table), bucket_decode=True)
+    for _ in range(MIN_SEEN):
+        plain.observe(decode, Strategy.GPU_ONLY, 1.5 * 4e-3)
+    assert plain.iteration_time(decode, Strategy.GPU_ONLY) == pytest.approx(4e-3)
+
+
+def test_engine_scores_the_prediction_it_made_before_each_iteration():
+    """Each record keeps the prediction asked for before its iteration ran (the first one, with
+    nothing observed yet, is the tables' own), and every iteration reaches the feedback."""
+    from apex_mini.engine import Engine
+    from apex_mini.sampling import SamplingParams
+    from apex_mini.weights import random_model
+    model = random_model("tiny", torch.float32, "cpu")
+    cfg = EngineConfig(device="cpu", dtype="float32", policy="apex", gpu_kv_blocks=8, cpu_kv_blocks=64)
+    engine = Engine(model, cfg)
+    try:
+        for n in (5, 9, 3):
+            engine.add_request(list(range(3, 3 + n)), SamplingParams(temperature=0.0, max_tokens=6))
+        while engine.has_work():
+            engine.step()
+    finally:
+        engine.close()
+    pred, records = engine.predictor, engine.records
+    assert pred.feedback is not None and all(r.predicted_s is not None for r in records)
+    first = records[0]
+    assert first.predicted_s == pytest.approx(pred.breakdown(first.shape, first.plan.strategy)["table_s"])
+    seen = {}
+    for r in records:
+        path = pred.path(r.shape, r.plan.strategy)
+        seen[path] = seen.get(path, 0) + 1
+    assert {p: len(pred.feedback.ratios[p]) for p in seen} == {p: min(n, WINDOW) for p, n in seen.items()}
+    report = pred.error_report(records)
+    assert report["n"] == len(records) and report["tables_only"]["n"] == len(records)
+
+
 # ------------------------------------------------------------------------------- on this machine
 
 def test_engine_profiles_once_then_reuses(monkeypatch):
@@ -239,6 +310,7 @@ def test_profile_cli_report(tmp_path, capsys):
                  "--json", str(out), "--requests", "6", "--no-progress", "--show", "3"]) == 0
     report = json.loads(out.read_text())
     assert report["n"] > 0 and set(report["by_strategy"]) >= {"gpu-only", "overlap", "pipeline"}
+    assert report["tables_only"]["n"] == report["n"] and report["feedback"]
     assert report["decisions"] and all(d["predicted_ms"] > 0 for d in report["decisions"])
     with capsys.disabled():
         print(f"\npredictor on this machine (tiny shape): median error "
