@@ -9,7 +9,8 @@ token t of a sequence lives at (block_table[t // block_size], t % block_size). G
 Hugging Face's repeat_kv: query head h reads kv head h // (num_heads // num_kv_heads).
 
 Two formulations of the same math (fp32 accumulation, output in q's dtype):
-- eager: gather each sequence's blocks into a contiguous copy, then two matmuls. Plain, but the
+- eager: gather each sequence's blocks into a contiguous copy, then PyTorch's own attention
+  kernel (`scaled_dot_product_attention`), as the device's decode step does. Plain, but the
   gather writes (and re-reads) a copy of the KV, so it moves ~3x the bytes it must.
 - fused: broadcast-multiply-and-sum, compiled by Inductor, which turns `k_cache[blocks]` into
   indirect loads inside its reduction loops: each KV byte is read once, nothing is copied.
@@ -23,6 +24,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
 # Blocks per partial sum in the fused value reduction. Summing a superblock's tokens first
 # keeps its V (8 blocks) in cache while every query head of a KV group reuses it; the partial
@@ -76,17 +78,21 @@ def paged_decode_attention_eager(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     group = num_heads // num_kv_heads
     blocks = _used_blocks(block_tables, context_lens, block_size)      # [num_seqs, max_blocks]
     max_len = blocks.shape[1] * block_size
-    k = k_cache[blocks].view(num_seqs, max_len, num_kv_heads, head_dim)  # a gathered copy
-    v = v_cache[blocks].view(num_seqs, max_len, num_kv_heads, head_dim)
-    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float() * scale
     valid = torch.arange(max_len) < context_lens[:, None]              # [num_seqs, max_len]
-    scores = torch.einsum("sgrd,stgd->sgrt", qg, k.float())           # [num_seqs, kv_heads, group, max_len]
-    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1)
-    # Zero the padding rather than trust probs == 0: a slot never written may hold NaN.
-    v = v.float().masked_fill_(~valid[:, :, None, None], 0.0)          # [num_seqs, max_len, kv_heads, head_dim]
-    out = torch.einsum("sgrt,stgd->sgrd", probs, v)                    # [num_seqs, kv_heads, group, head_dim]
-    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+    # Gathered copies, padding zeroed: a slot never written may hold NaN, which a -inf mask
+    # does not remove (NaN + -inf is NaN, and 0 * NaN is NaN).
+    pad = (~valid).flatten().nonzero().squeeze(1)                     # padded rows: usually few
+    k = k_cache[blocks].view(-1, num_kv_heads, head_dim).index_fill_(0, pad, 0)
+    v = v_cache[blocks].view(-1, num_kv_heads, head_dim).index_fill_(0, pad, 0)
+    k = k.view(num_seqs, max_len, num_kv_heads, head_dim)
+    v = v.view(num_seqs, max_len, num_kv_heads, head_dim)
+    # The `group` query heads that share a KV head act as `group` query positions of that head,
+    # so GQA needs no repeated K/V. PyTorch's CPU kernel accumulates fp16/bf16 in fp32.
+    out = F.scaled_dot_product_attention(
+        q.view(num_seqs, num_kv_heads, group, head_dim),
+        k.transpose(1, 2), v.transpose(1, 2),                          # [num_seqs, kv_heads, max_len, head_dim]
+        attn_mask=valid[:, None, None, :], scale=scale)                # [num_seqs, kv_heads, group, head_dim]
+    return out.reshape(num_seqs, num_heads, head_dim)
 
 
 # ------------------------------------------------------------------------------------ fused
