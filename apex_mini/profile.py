@@ -122,8 +122,11 @@ def _decision(record, predictor) -> dict:
     predicted = record.predicted_s
     if predicted is None:
         predicted = predictor.iteration_time(record.shape, record.plan.strategy)
+    table = predictor.breakdown(record.shape, record.plan.strategy)["table_s"]
     return {"plan": record.plan.summary(), "strategy": record.plan.strategy.value,
-            "predicted_ms": round(predicted * 1e3, 3), "measured_ms": round(record.measured_s * 1e3, 3),
+            "path": predictor.path(record.shape, record.plan.strategy),
+            "predicted_ms": round(predicted * 1e3, 3), "table_ms": round(table * 1e3, 3),
+            "measured_ms": round(record.measured_s * 1e3, 3),
             "reason": record.plan.reason}
 
 
