@@ -20,8 +20,9 @@ real iterations was tried; on a 2-core machine it swung between 5% and 170% from
 while the plain sum predicted served throughput within 10-30%: docs/benchmarks.md.)
 
 With `feedback=True` (the engine's default), every prediction is then scaled by how the
-engine's recent iterations of the same path compared with the tables (feedback.py); the
-`table_s` of a breakdown is the profile's prediction alone.
+engine's last few iterations compared with the tables (feedback.py): one factor for all plans,
+so it changes predicted times but no decision. The `table_s` of a breakdown is the profile's
+prediction alone.
 
 Interpolation: linear in 1-D, bilinear in 2-D (per measured row, then across rows), linear
 extrapolation past the ends. A table point predicts exactly its own time.
@@ -163,7 +164,7 @@ class Predictor:
     # ---------------------------------------------------------------- strategies
 
     def path(self, shape: BatchShape, strategy: Strategy) -> str:
-        """How the runner will execute the plan: one of feedback.PATHS."""
+        """How the runner will execute the plan: decode step, layer loop, overlap or pipeline."""
         if self.decode_iteration is not None and _decode_only(shape):
             return "decode step"
         if strategy is Strategy.PIPELINE and pipelines(shape):
@@ -192,7 +193,7 @@ class Predictor:
             out = self._merged(shape)
             out.update(self._per_iteration(shape))
         out["table_s"] = out["layers_s"] + out["lm_head_s"] + out["overhead_s"] + out["swap_s"]
-        out["correction"] = self.feedback.correction(path) if self.feedback else 1.0
+        out["correction"] = self.feedback.correction() if self.feedback else 1.0
         out["total_s"] = out["table_s"] * out["correction"]
         return out
 
@@ -202,8 +203,7 @@ class Predictor:
     def observe(self, shape: BatchShape, strategy: Strategy, measured_s: float) -> None:
         """The engine ran this plan in `measured_s`: update the feedback (no-op without it)."""
         if self.feedback is not None and shape.num_tokens:
-            table_s = self.breakdown(shape, strategy)["table_s"]
-            self.feedback.observe(self.path(shape, strategy), table_s, measured_s)
+            self.feedback.observe(self.breakdown(shape, strategy)["table_s"], measured_s)
 
     def _decode_step(self, shape: BatchShape) -> dict[str, float]:
         """The whole decode-only iteration from its measured table, at the padded batch size

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import random
 import sys
 
@@ -111,7 +112,7 @@ def run_report(model, cfg: EngineConfig, predictor, requests: int = 16, seed: in
         records += engine.records
         points += [dict(_decision(r, predictor), run=label) for r in engine.records]
     report = predictor.error_report(records)
-    report.update(feedback=predictor.feedback.summary() if predictor.feedback else None,
+    report.update(feedback=predictor.feedback.correction() if predictor.feedback else None,
                   by_run=per_run, decisions=[p for p in points if p["run"] == "apex"],
                   points=points, gpu_kv_blocks=cfg.gpu_kv_blocks, requests=requests,
                   profile_key=predictor.profile.key)
@@ -144,8 +145,7 @@ def format_report(report: dict, show: int = 8) -> str:
         lines.append(f"{'(tables only, no feedback)':27s} {pct(tables['median_rel_error']):>5s} "
                      f"{pct(tables['p90_rel_error']):>8s}")
     if report.get("feedback"):
-        lines.append("feedback corrections at the end: " + ", ".join(
-            f"{path} x{c:.2f}" for path, c in report["feedback"].items()))
+        lines.append(f"feedback correction at the end: x{report['feedback']:.2f}")
     if show and report.get("decisions"):
         lines += ["", f"apex's first {min(show, len(report['decisions']))} decisions "
                       "(predicted / measured, ms):"]
@@ -159,6 +159,7 @@ def format_report(report: dict, show: int = 8) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .engine import Engine
+    from .metrics import machine_info
     from .predictor import Predictor
     from .weights import model_for, resolve_device
     from .profiler import (DECODE_POOL_BYTES, FULL, QUICK, cache_path, engine_key, load_profile,
@@ -195,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor(profile, bucket_decode=cfg.bucket_decode,
                               feedback=cfg.predictor_feedback)
         report = run_report(model, cfg, predictor, args.requests, progress=progress)
-        report["model"] = name
+        command = "python -m apex_mini.profile " + " ".join(sys.argv[1:] if argv is None else argv)
+        report.update(model=name, command=command, machine=machine_info(engine.device),
+                      date=datetime.datetime.now().isoformat(timespec="seconds"))
         print(format_report(report, args.show))
         if args.json:
             write_json(args.json, report)

@@ -214,22 +214,22 @@ def test_error_report_math():
 
 def test_feedback_correction_is_the_median_of_recent_ratios():
     fb = Feedback(window=4, min_seen=3)
-    assert fb.correction("decode step") == 1.0
-    fb.observe("decode step", 1.0, 2.0)
-    fb.observe("decode step", 1.0, 2.0)
-    assert fb.correction("decode step") == 1.0             # too few to go by
-    fb.observe("decode step", 1.0, 50.0)                   # one stalled iteration...
-    assert fb.correction("decode step") == 2.0             # ...does not move the median
+    assert fb.correction() == 1.0
+    fb.observe(1.0, 2.0)
+    fb.observe(1.0, 2.0)
+    assert fb.correction() == 1.0                          # too few to go by
+    fb.observe(1.0, 50.0)                                  # one stalled iteration...
+    assert fb.correction() == 2.0                          # ...does not move the median
     for _ in range(4):
-        fb.observe("decode step", 2.0, 1.0)                # the machine got faster
-    assert fb.correction("decode step") == 0.5             # the window forgot the old ratios
-    fb.observe("decode step", 0.0, 1.0)                    # nothing predicted: ignored
-    assert fb.correction("decode step") == 0.5
-    assert fb.correction("overlap") == 1.0                 # every path on its own
-    assert fb.summary() == {"decode step": 0.5}
+        fb.observe(2.0, 1.0)                               # the machine got faster
+    assert fb.correction() == 0.5                          # the window forgot the old ratios
+    fb.observe(0.0, 1.0)                                   # nothing predicted: ignored
+    assert fb.correction() == 0.5
 
 
-def test_predictor_feedback_scales_only_the_path_it_observed():
+def test_predictor_feedback_scales_every_plan_alike():
+    """Observed iterations 1.5x the tables: every prediction, whatever its path, is 1.5x the
+    tables' (so no comparison between candidate plans changes); without feedback, none is."""
     table = [[1, 64, 1e-3], [1, 1024, 2e-3], [8, 1024, 4e-3], [8, 8192, 9e-3]]
     pred = Predictor(sample_profile(decode_iteration=table), bucket_decode=True, feedback=True)
     decode = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024)
@@ -237,13 +237,15 @@ def test_predictor_feedback_scales_only_the_path_it_observed():
     assert pred.path(decode, Strategy.GPU_ONLY) == "decode step"
     assert pred.path(both, Strategy.OVERLAP) == "overlap"
     assert pred.path(both, Strategy.PIPELINE) == "pipeline"
-    overlap_before = pred.iteration_time(both, Strategy.OVERLAP)
+    before = {s: pred.iteration_time(both, s) for s in Strategy}
     for _ in range(MIN_SEEN):
         pred.observe(decode, Strategy.GPU_ONLY, 1.5 * 4e-3)   # 1.5x the table, every time
     assert pred.iteration_time(decode, Strategy.GPU_ONLY) == pytest.approx(1.5 * 4e-3)
-    assert pred.iteration_time(both, Strategy.OVERLAP) == overlap_before
-    b = pred.breakdown(decode, Strategy.GPU_ONLY)
-    assert b["table_s"] == pytest.approx(4e-3) and b["total_s"] == pytest.approx(b["table_s"] * b["correction"])
+    for s in Strategy:
+        assert pred.iteration_time(both, s) == pytest.approx(1.5 * before[s])
+    b = pred.breakdown(both, Strategy.OVERLAP)
+    assert b["table_s"] == pytest.approx(before[Strategy.OVERLAP])
+    assert b["total_s"] == pytest.approx(b["table_s"] * b["correction"])
 
     plain = Predictor(sample_profile(decode_iteration=table), bucket_decode=True)
     for _ in range(MIN_SEEN):
@@ -271,11 +273,10 @@ def test_engine_scores_the_prediction_it_made_before_each_iteration():
     assert pred.feedback is not None and all(r.predicted_s is not None for r in records)
     first = records[0]
     assert first.predicted_s == pytest.approx(pred.breakdown(first.shape, first.plan.strategy)["table_s"])
-    seen = {}
-    for r in records:
-        path = pred.path(r.shape, r.plan.strategy)
-        seen[path] = seen.get(path, 0) + 1
-    assert {p: len(pred.feedback.ratios[p]) for p in seen} == {p: min(n, WINDOW) for p, n in seen.items()}
+    assert len(pred.feedback.ratios) == min(len(records), WINDOW)
+    last = records[-1]
+    table_s = pred.breakdown(last.shape, last.plan.strategy)["table_s"]
+    assert pred.feedback.ratios[-1] == pytest.approx(last.measured_s / table_s)
     report = pred.error_report(records)
     assert report["n"] == len(records) and report["tables_only"]["n"] == len(records)
 
@@ -311,6 +312,8 @@ def test_profile_cli_report(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["n"] > 0 and set(report["by_strategy"]) >= {"gpu-only", "overlap", "pipeline"}
     assert report["tables_only"]["n"] == report["n"] and report["feedback"]
+    assert report["command"].startswith("python -m apex_mini.profile --model-shape tiny")
+    assert report["date"] and report["machine"]["cpu_cores"]
     assert report["decisions"] and all(d["predicted_ms"] > 0 for d in report["decisions"])
     with capsys.disabled():
         print(f"\npredictor on this machine (tiny shape): median error "
