@@ -113,7 +113,9 @@ def run(contexts: list[int], batches: list[int], modes: list[str], shape: str,
     mc = MODEL_SHAPES[shape]
     heads = (mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim)
     rows = []
-    with ca.CPUAttentionWorker(1) as worker:
+    # The kernel alone: its worker may use every torch thread (the engine leaves one to its
+    # main thread; see CPUAttentionWorker).
+    with ca.CPUAttentionWorker(1, intra_op_threads=torch.get_num_threads()) as worker:
         for context in contexts:
             for batch in batches:
                 point = Point(context, batch, *heads, block_size, dtype, pool_bytes)

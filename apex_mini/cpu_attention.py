@@ -236,8 +236,13 @@ class CPUAttentionWorker:
     order (wait for an append_kv's handle before attending over what it wrote); close() lets
     queued tasks finish and joins every thread.
 
-    Torch ops inside a task use `intra_op_threads` OpenMP threads each (default: this process's
-    torch threads divided among the workers), so N workers do not oversubscribe the cores.
+    Torch ops inside a task use `intra_op_threads` OpenMP threads each. The default leaves one
+    thread's worth to the main thread and divides the rest among the workers: (torch threads -
+    1) // num_threads, at least 1. On the 2-core machine of docs/benchmarks.md, a worker whose
+    ops had used both cores (its own OpenMP team beside the main thread's) left the main
+    thread's small ops 4-5x slower for as long as the worker lived (prefill attention of 16
+    tokens: 58 us before the worker's first task, 303 us after, 213 us a second later; 44 us
+    with a one-thread worker).
     """
 
     _count = 0  # instances made, to give each one's threads a distinct name
@@ -247,7 +252,7 @@ class CPUAttentionWorker:
             raise ValueError(f"num_threads={num_threads} must be at least 1")
         CPUAttentionWorker._count += 1
         self.num_threads = num_threads
-        self.intra_op_threads = intra_op_threads or max(1, torch.get_num_threads() // num_threads)
+        self.intra_op_threads = intra_op_threads or max(1, (torch.get_num_threads() - 1) // num_threads)
         self.thread_name_prefix = f"apex-cpu-attn-{CPUAttentionWorker._count}"
         self._pool = ThreadPoolExecutor(num_threads, self.thread_name_prefix, self._init_thread)
 
