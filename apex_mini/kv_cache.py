@@ -102,12 +102,13 @@ class KVPool:
         """(k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""
         return self.layers[layer_idx]
 
-    def read_blocks(self, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read_blocks(self, blocks: torch.Tensor, pin: bool = False) -> torch.Tensor:
         """Copy of whole blocks, every layer: [num_layers, 2 (k, v), len(blocks), block_size,
-        num_kv_heads, head_dim]. `blocks` is a tensor of block ids on this pool's device."""
+        num_kv_heads, head_dim], in pinned memory if `pin`. `blocks` is a tensor of block ids
+        on this pool's device."""
         k0 = self.layers[0][0]
-        if out is None:
-            out = k0.new_empty((len(self.layers), 2, len(blocks), *k0.shape[1:]))
+        out = torch.empty((len(self.layers), 2, len(blocks), *k0.shape[1:]), dtype=self.dtype,
+                          device=self.device, pin_memory=pin)
         for l, kv in enumerate(self.layers):
             for j, cache in enumerate(kv):
                 torch.index_select(cache, 0, blocks, out=out[l, j])
@@ -145,14 +146,11 @@ def copy_blocks(src: KVPool, src_blocks: list[int], dst: KVPool, dst_blocks: lis
         # Made on the copy stream, so the allocator cannot reuse them before it is done.
         src_idx = torch.tensor(src_blocks, device=src.device)
         dst_idx = torch.tensor(dst_blocks, device=dst.device)
-        k0 = src.layer(0)[0]
-        shape = (len(src.layers), 2, len(src_blocks), *k0.shape[1:])   # [L, 2, n, block_size, KVH, D]
         # Host side of a host-to-device move: gather straight into pinned memory.
         gather_pinned = src.device.type == "cpu" and streams.pin
-        moved = src.read_blocks(src_idx, out=torch.empty(shape, dtype=src.dtype, device=src.device,
-                                                         pin_memory=gather_pinned))
+        moved = src.read_blocks(src_idx, pin=gather_pinned)  # [L, 2, n, block_size, KVH, D]
         if moved.device != dst.device:
-            staged = torch.empty(shape, dtype=moved.dtype, device=dst.device,
+            staged = torch.empty(moved.shape, dtype=moved.dtype, device=dst.device,
                                  pin_memory=dst.device.type == "cpu" and streams.pin)
             staged.copy_(moved, non_blocking=streams.is_cuda)
             moved = staged
