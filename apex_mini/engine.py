@@ -34,7 +34,6 @@ class IterationRecord:
     plan: Plan
     measured_s: float
     shape: BatchShape | None = None    # the plan as it was scheduled (its requests move on)
-    predicted_s: float | None = None   # the predictor's time for it, asked before it ran
 
 
 class Engine:
@@ -127,12 +126,13 @@ class Engine:
         """One iteration. Returns the plan it ran and the requests that finished."""
         plan = self.scheduler.schedule()
         shape = BatchShape.from_plan(plan)
-        predicted = self.predictor.iteration_time(shape, plan.strategy) if self.predictor else None
+        if plan.predicted_s is None and self.predictor is not None:   # a policy that asks none
+            plan.predicted_s = self.predictor.iteration_time(shape, plan.strategy)
         start = time.perf_counter()
         tokens = self.runner.execute(plan, self.block_tables())
         measured = time.perf_counter() - start
         if not plan.is_empty:
-            self.records.append(IterationRecord(plan, measured, shape, predicted))
+            self.records.append(IterationRecord(plan, measured, shape))
             observe = getattr(self.predictor, "observe", None)   # injected fakes may lack it
             if observe is not None:
                 observe(shape, plan.strategy, measured)

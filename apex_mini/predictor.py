@@ -272,8 +272,8 @@ class Predictor:
     def error_report(self, records) -> dict:
         """Relative error |predicted - measured| / measured over the engine's IterationRecords
         (each needs `.plan` and `.measured_s`; `.shape` is used when present, as a plan's
-        sequences have moved on since it ran). The prediction scored is `.predicted_s`, made
-        before the iteration ran, when the record has one; else this predictor's now.
+        sequences have moved on since it ran). The prediction scored is the plan's
+        `predicted_s`, made before the iteration ran, when it has one; else this predictor's now.
         `tables_only` scores the profile's tables without the feedback correction."""
         errors: dict[str, list[float]] = {}
         tables_only: list[float] = []
@@ -281,15 +281,13 @@ class Predictor:
             if r.measured_s <= 0:
                 continue
             shape = getattr(r, "shape", None) or BatchShape.from_plan(r.plan)
-            predicted = getattr(r, "predicted_s", None)
-            if predicted is None:
-                predicted = self.iteration_time(shape, r.plan.strategy)
+            b = self.breakdown(shape, r.plan.strategy)
+            predicted = b["total_s"] if r.plan.predicted_s is None else r.plan.predicted_s
             name = r.plan.strategy.value
             if r.plan.strategy is Strategy.PIPELINE and not pipelines(shape):
                 name = Strategy.OVERLAP.value                  # what the runner actually ran
             errors.setdefault(name, []).append(abs(predicted - r.measured_s) / r.measured_s)
-            table_s = self.breakdown(shape, r.plan.strategy)["table_s"]
-            tables_only.append(abs(table_s - r.measured_s) / r.measured_s)
+            tables_only.append(abs(b["table_s"] - r.measured_s) / r.measured_s)
         everything = [e for errs in errors.values() for e in errs]
         report = _summary(everything)
         report["by_strategy"] = {name: _summary(errs) for name, errs in sorted(errors.items())}

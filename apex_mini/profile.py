@@ -120,13 +120,11 @@ def run_report(model, cfg: EngineConfig, predictor, requests: int = 16, seed: in
 
 
 def _decision(record, predictor) -> dict:
-    predicted = record.predicted_s
-    if predicted is None:
-        predicted = predictor.iteration_time(record.shape, record.plan.strategy)
-    table = predictor.breakdown(record.shape, record.plan.strategy)["table_s"]
+    b = predictor.breakdown(record.shape, record.plan.strategy)
+    predicted = b["total_s"] if record.plan.predicted_s is None else record.plan.predicted_s
     return {"plan": record.plan.summary(), "strategy": record.plan.strategy.value,
             "path": predictor.path(record.shape, record.plan.strategy),
-            "predicted_ms": round(predicted * 1e3, 3), "table_ms": round(table * 1e3, 3),
+            "predicted_ms": round(predicted * 1e3, 3), "table_ms": round(b["table_s"] * 1e3, 3),
             "measured_ms": round(record.measured_s * 1e3, 3),
             "reason": record.plan.reason}
 

@@ -270,9 +270,9 @@ def test_engine_scores_the_prediction_it_made_before_each_iteration():
     finally:
         engine.close()
     pred, records = engine.predictor, engine.records
-    assert pred.feedback is not None and all(r.predicted_s is not None for r in records)
+    assert pred.feedback is not None and all(r.plan.predicted_s is not None for r in records)
     first = records[0]
-    assert first.predicted_s == pytest.approx(pred.breakdown(first.shape, first.plan.strategy)["table_s"])
+    assert first.plan.predicted_s == pytest.approx(pred.breakdown(first.shape, first.plan.strategy)["table_s"])
     assert len(pred.feedback.ratios) == min(len(records), WINDOW)
     last = records[-1]
     table_s = pred.breakdown(last.shape, last.plan.strategy)["table_s"]
