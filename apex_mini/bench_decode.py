@@ -11,8 +11,10 @@ with n = `--new-tokens` N; decode time = t(N) - t(1), which holds N - 1 decode s
 decode tokens/s = B * (N - 1) / decode time. Ours runs through `Engine.step()` (scheduler,
 runner, sampling: everything a server pays per step); theirs through `generate(do_sample=False,
 max_new_tokens=n)` with no end-of-sequence id. Each figure is the median of `--repeats` runs after one
-untimed warm-up run (which also captures CUDA graphs and compiles, when those are on). Both
-sides share one process, one weight tensor set and one `torch.set_num_threads`.
+untimed warm-up run (which also captures CUDA graphs and compiles, when those are on). The two
+sides take turns within each repeat, and the ratio is the median of the repeats' own ratios, so
+a machine that drifts between repeats moves both sides of a ratio alike. Both sides share one
+process, one weight tensor set and one `torch.set_num_threads`.
 
 Achieved GB/s = bytes a decode step must read (every weight once, only B rows of an untied
 embedding table, plus the K/V of every request's context) summed over the steps, / decode time.
@@ -105,11 +107,16 @@ def run_hf(hf, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
 
 
-def decode_seconds(run, ids, n: int, repeats: int) -> tuple[float, list[list[int]]]:
-    """Median of t(n) - t(1) over `repeats`, after one untimed warm-up run of n tokens."""
-    _, tokens = run(ids, n)
-    diffs = [run(ids, n)[0] - run(ids, 1)[0] for _ in range(repeats)]
-    return max(statistics.median(diffs), 1e-9), tokens
+def decode_times(runs: dict, ids, n: int, repeats: int) -> tuple[dict, dict]:
+    """Per side: `repeats` decode times t(n) - t(1), the sides taking turns within each repeat
+    (so drift on a noisy machine hits both alike), after one untimed warm-up run of n tokens
+    each. Returns ({side: [seconds, ...]}, {side: that warm-up's tokens})."""
+    tokens = {side: run(ids, n)[1] for side, run in runs.items()}
+    times = {side: [] for side in runs}
+    for _ in range(repeats):
+        for side, run in runs.items():
+            times[side].append(max(run(ids, n)[0] - run(ids, 1)[0], 1e-9))
+    return times, tokens
 
 
 def sync(device) -> None:
@@ -166,16 +173,21 @@ def bench_device(args, device: torch.device, batches: list[int]) -> list[dict]:
     try:
         for B in batches:
             ids = prompts(B, P, vocab)
-            ours_s, ours_tokens = decode_seconds(lambda x, n: run_ours(engine, x, n), ids, N, args.repeats)
+            runs = {"ours": lambda x, n: run_ours(engine, x, n)}
+            if hf is not None:
+                runs["hf"] = lambda x, n: run_hf(hf, x.to(device), n)
+            times, tokens = decode_times(runs, ids, N, args.repeats)
+            ours_s = statistics.median(times["ours"])
             gbps = decode_bytes(model, B, P, N) / ours_s / 1e9
             row = dict(device=device.type, model=name, batch=B, tok_s=B * (N - 1) / ours_s,
                        gbps=gbps, roofline_gbps=roofline, roofline_frac=gbps / roofline,
                        hf_tok_s=None, ratio=None, same_tokens=None)
             if hf is not None:
-                hf_s, hf_tokens = decode_seconds(lambda x, n: run_hf(hf, x, n), ids.to(device),
-                                                 N, args.repeats)
-                row.update(hf_tok_s=B * (N - 1) / hf_s, ratio=hf_s / ours_s,
-                           same_tokens=_agreement(ours_tokens, hf_tokens))
+                # The ratio of each repeat's pair, then the median: one pair ran back to back.
+                ratios = [h / o for h, o in zip(times["hf"], times["ours"])]
+                row.update(hf_tok_s=B * (N - 1) / statistics.median(times["hf"]),
+                           ratio=statistics.median(ratios),
+                           same_tokens=_agreement(tokens["ours"], tokens["hf"]))
             print(format_row(row), flush=True)
             rows.append(row)
     finally:

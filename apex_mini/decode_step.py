@@ -13,7 +13,9 @@ this leaner function instead:
 - Everything shared by the layers is computed once per step, not once per layer: RoPE's
   cos/sin, the attention mask, the flattened block tables.
 - Weights are fetched once, at construction, into plain tuples: no nn.Module call and no
-  attribute lookups per layer.
+  attribute lookups per layer. On the CPU the eager step multiplies by oneDNN-packed copies,
+  q/k/v and gate/up each stacked into one product (packed_linear.py; `prepack=False` turns it
+  off).
 - Attention is one `scaled_dot_product_attention` call over the gathered context, with the G
   query heads of each KV head laid out as G query positions, so grouped-query attention needs
   no repeated K/V and no `enable_gqa` path.
@@ -21,7 +23,8 @@ this leaner function instead:
   order. That is what lets `torch.compile` trace it once and CUDA graphs replay it.
 
 The numerics follow model.py (RMSNorm in fp32, the same RoPE), so greedy tokens equal the
-layer loop's; only the attention's summation order differs (SDPA instead of einsum).
+layer loop's; only summation orders differ (SDPA instead of einsum; oneDNN's products when
+prepacked).
 
 Vocabulary: B = rows (padded to a bucket), W = block-table width, ctx = W * block_size,
 H = query heads, KVH = key/value heads, G = H // KVH, D = head_dim.
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 
 from .batch import DecodeInputs
 from .kv_cache import KVPool
+from .packed_linear import StackedLinear, should_prepack
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,7 +53,7 @@ class DecodeStep:
     and is never reallocated, so a CUDA graph captured around `forward` stays valid."""
 
     def __init__(self, model, pool: KVPool, block_size: int, scratch_block: int,
-                 compile: bool = False):
+                 compile: bool = False, prepack: bool = True):
         cfg = model.config
         self.device = pool.device
         self.block_size, self.scratch_block = block_size, scratch_block
@@ -58,18 +62,24 @@ class DecodeStep:
         self.rotary = model.model.rotary_emb
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        self.lm_head = model.lm_head.weight
+        # On the CPU the eager step multiplies by oneDNN-packed copies of the weights, q/k/v and
+        # gate/up stacked (packed_linear.py). Inductor cannot trace those: compile keeps F.linear.
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        self.prepacked = should_prepack(prepack and not compile, self.device, weight_bytes)
+
+        def proj(*modules):
+            return StackedLinear(list(modules), self.prepacked)
+        self.lm_head = proj(model.lm_head)
         self.layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             k_cache, v_cache = pool.layer(layer.layer_idx)    # [num_blocks, block_size, KVH, D]
             self.layers.append((
                 layer.input_layernorm.weight,
-                (a.q_proj.weight, a.q_proj.bias), (a.k_proj.weight, a.k_proj.bias),
-                (a.v_proj.weight, a.v_proj.bias), (a.o_proj.weight, a.o_proj.bias),
+                proj(a.q_proj, a.k_proj, a.v_proj), proj(a.o_proj),
                 layer.post_attention_layernorm.weight,
-                (m.gate_proj.weight, m.gate_proj.bias), (m.up_proj.weight, m.up_proj.bias),
-                (m.down_proj.weight, m.down_proj.bias),
+                proj(m.gate_proj, m.up_proj), proj(m.down_proj),
                 k_cache, v_cache))
         self.compiled = compile
         # The first shape compiles static, a second shape recompiles once with dynamic sizes.
@@ -102,14 +112,12 @@ class DecodeStep:
         visible = torch.arange(ctx, device=positions.device) < context_lens[:, None]   # [B, ctx]
         visible = visible[:, None, None, :]                                # [B, 1, 1, ctx]
         blocks = block_tables.flatten()                                    # [B * W]
-        for (ln1, q_proj, k_proj, v_proj, o_proj, ln2, gate, up, down,
-             k_cache, v_cache) in self.layers:
+        for ln1, qkv_proj, o_proj, ln2, gate_up_proj, down_proj, k_cache, v_cache in self.layers:
             x = rms_norm(hidden, ln1, self.eps)                            # [B, hidden]
-            q = F.linear(x, *q_proj).view(B, H, D)                         # [B, H, D]
-            k = F.linear(x, *k_proj).view(B, KVH, D)                       # [B, KVH, D]
-            v = F.linear(x, *v_proj).view(B, KVH, D)                       # [B, KVH, D]
-            q = q * cos + q.roll(half, -1) * sin
-            k = k * cos + k.roll(half, -1) * sin
+            qkv = qkv_proj(x).view(B, H + 2 * KVH, D)                      # q heads, k heads, v heads
+            qk = qkv[:, :H + KVH]                                          # [B, H + KVH, D]
+            qk = qk * cos + qk.roll(half, -1) * sin                        # RoPE on q and k at once
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KVH:]               # [B, H|KVH|KVH, D]
             # Append this step's K/V, then gather each row's whole context (this row included).
             k_cache.view(-1, KVH, D).index_copy_(0, slots, k)
             v_cache.view(-1, KVH, D).index_copy_(0, slots, v)
@@ -118,8 +126,8 @@ class DecodeStep:
             # The G query heads that share a KV head act as G query positions of one head.
             out = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), k_ctx, v_ctx,
                                                  attn_mask=visible, scale=self.scale)   # [B, KVH, G, D]
-            hidden = hidden + F.linear(out.reshape(B, H * D), *o_proj)     # [B, hidden]
-            x = rms_norm(hidden, ln2, self.eps)
-            hidden = hidden + F.linear(F.silu(F.linear(x, *gate)) * F.linear(x, *up), *down)
+            hidden = hidden + o_proj(out.reshape(B, H * D))                # [B, hidden]
+            gate, up = gate_up_proj(rms_norm(hidden, ln2, self.eps)).chunk(2, dim=-1)  # [B, inter] x2
+            hidden = hidden + down_proj(F.silu(gate) * up)
         hidden = rms_norm(hidden, self.final_norm, self.eps)
-        return F.linear(hidden, self.lm_head).float()                       # [B, vocab]
+        return self.lm_head(hidden).float()                                # [B, vocab]

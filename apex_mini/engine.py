@@ -93,7 +93,8 @@ class Engine:
         runner = ModelRunner(self.model, self.device, gpu_pool, self.cpu_pool, worker,
                              self.streams, cfg.block_size, scratch_block,
                              cfg.compile_cpu_attention and compile_enabled(), cfg.bucket_decode,
-                             compile_decode=cfg.compile_decode)
+                             compile_decode=cfg.compile_decode,
+                             prepack_weights=cfg.prepack_weights)
         if self.device.type == "cuda" and cfg.cuda_graphs:
             from .cuda_graphs import CudaGraphDecoder
             runner.graphs = CudaGraphDecoder(runner.decode_step)

@@ -88,9 +88,15 @@ def profile_key(model_config, dtype: torch.dtype, device: torch.device, block_si
 
 
 def engine_key(engine) -> dict:
+    """profile_key for this engine, plus the options of its decode step, which the profile's
+    whole-iteration decode table (calibrate) measures."""
     from .cpu_attention import compile_enabled
-    return profile_key(engine.model_config, engine.dtype, engine.device, engine.cfg.block_size,
-                       engine.cfg.cpu_threads, engine.cfg.compile_cpu_attention and compile_enabled())
+    cfg = engine.cfg
+    key = profile_key(engine.model_config, engine.dtype, engine.device, cfg.block_size,
+                      cfg.cpu_threads, cfg.compile_cpu_attention and compile_enabled())
+    key["decode_step"] = {name: getattr(cfg, name) for name in
+                          ("compile_decode", "prepack_weights", "cuda_graphs", "bucket_decode")}
+    return key
 
 
 def key_hash(key: dict) -> str:
@@ -474,6 +480,7 @@ def profile_engine(engine, grid: Grid = QUICK, progress: bool = True) -> Profile
                         progress)
     start = time.perf_counter()
     profile = calibrate(profiler.run(grid), engine, grid)
+    profile.key = engine_key(engine)           # the decode table measured this engine's step
     profiler._say(f"profiled in {time.perf_counter() - start:.1f} s")
     return profile
 

@@ -103,6 +103,19 @@ def test_append_kv_writes_exactly_its_slots():
     assert max_error(out, naive(q, k_cache, v_cache, tables, lens, scale)) < 1e-5
 
 
+@pytest.mark.parametrize("bad", [-1, "num_blocks"])
+@pytest.mark.parametrize("kernel", ["eager", "fused"])
+def test_block_outside_the_pool_is_a_value_error(bad, kernel):
+    """Checked once per call, before any load: the compiled kernel does not check its own."""
+    q, k_cache, v_cache, tables, lens, scale = make_case([20, 5], 4, 2, seed=6)
+    tables[0, 1] = k_cache.shape[0] if bad == "num_blocks" else bad
+    fn = ca.paged_decode_attention_eager if kernel == "eager" else ca._used_blocks
+    args = ((q, k_cache, v_cache, tables, lens, scale) if kernel == "eager"
+            else (tables, lens, k_cache.shape[1], k_cache.shape[0], ca.SUPERBLOCK))
+    with pytest.raises(ValueError, match="outside the pool"):
+        fn(*args)
+
+
 def test_empty_batch():
     q, k_cache, v_cache, tables, lens, scale = make_case([3], 4, 2)
     out = ca.paged_decode_attention(q[:0], k_cache, v_cache, tables[:0], lens[:0], scale,

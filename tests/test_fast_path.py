@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from apex_mini import LLM, SamplingParams
+from apex_mini import LLM, SamplingParams, packed_linear
 from conftest import mixed_prompts, run_greedy
 from apex_mini.batch import DecodeInputs, build_decode_inputs
 from apex_mini.sequence import GPU, Sequence
@@ -39,12 +39,15 @@ def reference(gqa_llama3_ckpt):
 @pytest.mark.parametrize("options", [
     dict(bucket_decode=True),
     dict(bucket_decode=False),
+    dict(bucket_decode=True, prepack_weights=False),
     dict(policy="static", cpu_fraction=0.5, bucket_decode=True),
-], ids=["buckets", "no-buckets", "static-0.5"])
+], ids=["buckets", "no-buckets", "no-prepack", "static-0.5"])
 def test_fast_path_same_tokens(gqa_llama3_ckpt, reference, options):
     options.setdefault("policy", "gpu-only")
     tokens, engine = generate(gqa_llama3_ckpt, **options)
     assert tokens == reference
+    prepack = options.get("prepack_weights", True) and packed_linear.available()
+    assert engine.runner.decode_step.prepacked == prepack
     shapes = engine.runner.decode_shapes
     assert shapes, "the fast path never ran"
     rows = {b for b, _ in shapes}
@@ -57,9 +60,11 @@ def test_fast_path_same_tokens(gqa_llama3_ckpt, reference, options):
         assert any(r.plan.cpu_decodes for r in engine.records)
 
 
-def test_decode_step_matches_layer_loop(gqa_llama3_ckpt):
+@pytest.mark.parametrize("prepack", [True, False], ids=["prepacked", "plain"])
+def test_decode_step_matches_layer_loop(gqa_llama3_ckpt, prepack):
     """Logits of one decode step, fast path vs the general loop, on the same cache."""
-    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only")
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only",
+              prepack_weights=prepack)
     engine, runner = llm.engine, llm.engine.runner
     for ids in mixed_prompts(384, (7, 20, 40)):
         engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
@@ -110,6 +115,38 @@ def _alone(path, prompt, max_tokens):
                                                 ignore_eos=True))[0]
     llm.close()
     return out.token_ids, None
+
+
+@pytest.mark.skipif(not packed_linear.available(), reason="needs oneDNN")
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("bias", ["none", "all", "some"])
+def test_stacked_linear_matches_f_linear(rows, bias):
+    """q/k/v side by side, packed as one product or plain: each slice equals its own F.linear
+    (bit for bit plain, fp32 rounding aside packed), for any number of rows, with or without
+    biases."""
+    torch.manual_seed(rows)
+    modules = [torch.nn.Linear(48, n, bias=(bias == "all" or (bias == "some" and i == 1)))
+               for i, n in enumerate((64, 16, 16))]
+    x = torch.randn(rows, 48)
+    packed = packed_linear.StackedLinear(modules, prepack=True)(x)
+    plain = packed_linear.StackedLinear(modules, prepack=False)(x)
+    assert packed.shape == plain.shape == (rows, 96)
+    expected = torch.cat([torch.nn.functional.linear(x, m.weight, m.bias) for m in modules], -1)
+    assert torch.equal(plain, expected)
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
+    single = packed_linear.StackedLinear(modules[:1], prepack=True)(x)
+    torch.testing.assert_close(single, expected[:, :64], rtol=1e-6, atol=1e-6)
+
+
+def test_prepack_skipped_when_the_copy_does_not_fit(monkeypatch):
+    monkeypatch.setattr(packed_linear, "available", lambda: True)
+    monkeypatch.setattr(packed_linear, "available_memory_bytes", lambda: 10 << 30)
+    cpu = torch.device("cpu")
+    assert packed_linear.should_prepack(True, cpu, 4 << 30)
+    with pytest.warns(RuntimeWarning, match="would not fit"):
+        assert not packed_linear.should_prepack(True, cpu, 6 << 30)
+    assert not packed_linear.should_prepack(False, cpu, 1)
+    assert not packed_linear.should_prepack(True, torch.device("meta"), 1)
 
 
 def test_decode_inputs_pack_and_pad():

@@ -48,8 +48,8 @@ def test_profile_json_round_trip(tmp_path):
     assert Profile.from_json(tmp_path / "p.json") == p
 
 
-def fake_engine(path, dtype=torch.float32):
-    cfg = EngineConfig(device="cpu", profile_path=str(path))
+def fake_engine(path, dtype=torch.float32, **options):
+    cfg = EngineConfig(device="cpu", profile_path=str(path), **options)
     return types.SimpleNamespace(cfg=cfg, model_config=MODEL_SHAPES["tiny"], dtype=dtype,
                                  device=torch.device("cpu"))
 
@@ -93,6 +93,17 @@ def test_key_names_the_difference(tmp_path):
     profile, why = profiler.load_profile(path, key)
     assert profile is None and "torch_threads" in why
     assert profiler.key_hash(key) != profiler.key_hash({**key, "torch_threads": 99})
+
+
+@pytest.mark.parametrize("option", [dict(compile_decode=True), dict(prepack_weights=False),
+                                    dict(bucket_decode=False)])
+def test_decode_step_options_are_part_of_the_key(tmp_path, option):
+    """The profile's decode table times the engine's own decode step, so a profile measured
+    with another step is not reused."""
+    path = tmp_path / "p.json"
+    sample_profile(key=profiler.engine_key(fake_engine(path))).to_json(path)
+    profile, why = profiler.load_profile(path, profiler.engine_key(fake_engine(path, **option)))
+    assert profile is None and "decode_step" in why
 
 
 # ------------------------------------------------------------------------------- interpolation
