@@ -110,7 +110,10 @@ class DecodeStep:
         cos = cos[:, None, :]                                              # [B, 1, D]
         sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]   # [B, 1, D]
         visible = torch.arange(ctx, device=positions.device) < context_lens[:, None]   # [B, ctx]
-        visible = visible[:, None, None, :]                                # [B, 1, 1, ctx]
+        # An additive mask (0 / -inf), built once for every layer: PyTorch's CPU attention
+        # turns a boolean mask into this on each call (9 us of 29 at batch 1 here).
+        mask = torch.zeros(B, 1, 1, ctx, dtype=hidden.dtype, device=hidden.device)
+        mask = mask.masked_fill(~visible[:, None, None, :], float("-inf"))  # [B, 1, 1, ctx]
         blocks = block_tables.flatten()                                    # [B * W]
         for ln1, qkv_proj, o_proj, ln2, gate_up_proj, down_proj, k_cache, v_cache in self.layers:
             x = rms_norm(hidden, ln1, self.eps)                            # [B, hidden]
@@ -125,7 +128,7 @@ class DecodeStep:
             v_ctx = v_cache.index_select(0, blocks).view(B, ctx, KVH, D).transpose(1, 2)  # [B, KVH, ctx, D]
             # The G query heads that share a KV head act as G query positions of one head.
             out = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), k_ctx, v_ctx,
-                                                 attn_mask=visible, scale=self.scale)   # [B, KVH, G, D]
+                                                 attn_mask=mask, scale=self.scale)      # [B, KVH, G, D]
             hidden = hidden + o_proj(out.reshape(B, H * D))                # [B, hidden]
             gate, up = gate_up_proj(rms_norm(hidden, ln2, self.eps)).chunk(2, dim=-1)  # [B, inter] x2
             hidden = hidden + down_proj(F.silu(gate) * up)
