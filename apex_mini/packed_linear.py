@@ -36,7 +36,15 @@ def available() -> bool:
 
 
 def available_memory_bytes() -> int | None:
-    """Free physical memory as the OS reports it, or None where it cannot tell."""
+    """Memory the OS could give this process now (Linux's MemAvailable, which counts reclaimable
+    page cache, e.g. a checkpoint just read), else free pages, else None where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024                        # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -138,6 +138,14 @@ def test_stacked_linear_matches_f_linear(rows, bias):
     torch.testing.assert_close(single, expected[:, :64], rtol=1e-6, atol=1e-6)
 
 
+def test_available_memory_is_a_plausible_size():
+    free = packed_linear.available_memory_bytes()
+    if free is None:
+        pytest.skip("this OS does not report free memory")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < free <= total
+
+
 def test_prepack_skipped_when_the_copy_does_not_fit(monkeypatch):
     monkeypatch.setattr(packed_linear, "available", lambda: True)
     monkeypatch.setattr(packed_linear, "available_memory_bytes", lambda: 10 << 30)
