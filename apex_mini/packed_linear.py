@@ -13,7 +13,8 @@ copy is new memory anyway, so one larger product costs nothing more than three s
 
 Trade-offs, all of them why this is an option (`prepack_weights`, on by default):
 - the packed copy takes as much memory again as the weights (skipped, with a warning, when it
-  would not fit in half of the available memory);
+  would not fit in half of the available memory), and it is a snapshot: weights changed in
+  place after the engine is built are not seen by the decode step;
 - results equal `F.linear`'s up to fp32 rounding (another summation order, ~1e-6 relative),
   not bit for bit;
 - packed weights are opaque oneDNN tensors that torch.compile cannot trace, so only the eager
