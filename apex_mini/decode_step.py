@@ -66,7 +66,8 @@ class DecodeStep:
         # gate/up stacked (packed_linear.py). Inductor cannot trace those: compile keeps F.linear.
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        self.prepacked = should_prepack(prepack and not compile, self.device, weight_bytes)
+        self.prepacked = should_prepack(prepack and not compile, self.device,
+                                        model.lm_head.weight.dtype, weight_bytes)
 
         def proj(*modules):
             return StackedLinear(list(modules), self.prepacked)

@@ -17,11 +17,14 @@ Trade-offs, all of them why this is an option (`prepack_weights`, on by default)
   place after the engine is built are not seen by the decode step;
 - results equal `F.linear`'s up to fp32 rounding (another summation order, ~1e-6 relative),
   not bit for bit;
+- oneDNN packs fp32 on any x86 CPU, but bf16 and fp16 only where the CPU has their
+  instructions; elsewhere the step quietly keeps `F.linear` (`supports`);
 - packed weights are opaque oneDNN tensors that torch.compile cannot trace, so only the eager
   step uses them (`DecodeStep(compile=True)` keeps `F.linear` and lets Inductor choose).
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -34,6 +37,21 @@ def available() -> bool:
     return (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@functools.lru_cache(maxsize=None)
+def supports(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs and multiplies `dtype` on this CPU: fp32 anywhere; bf16 and fp16
+    only where the CPU has their instructions (oneDNN refuses fp16 without AVX512-FP16 or
+    AVX-NE-CONVERT, for one). Found by trying it once on a tiny matrix."""
+    if not available():
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=dtype), w, None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
 
 
 def available_memory_bytes() -> int | None:
@@ -52,9 +70,11 @@ def available_memory_bytes() -> int | None:
         return None
 
 
-def should_prepack(requested: bool, device: torch.device, weight_bytes: int) -> bool:
-    """Prepack when asked, on the CPU, with oneDNN present and room for the copy (warns if not)."""
-    if not (requested and device.type == "cpu" and available()):
+def should_prepack(requested: bool, device: torch.device, dtype: torch.dtype,
+                   weight_bytes: int) -> bool:
+    """Prepack when asked, on the CPU, where oneDNN supports `dtype`, and with room for the copy
+    (warns when there is none)."""
+    if not (requested and device.type == "cpu" and supports(dtype)):
         return False
     free = available_memory_bytes()
     if free is not None and weight_bytes > free // 2:

@@ -149,12 +149,26 @@ def test_available_memory_is_a_plausible_size():
 def test_prepack_skipped_when_the_copy_does_not_fit(monkeypatch):
     monkeypatch.setattr(packed_linear, "available", lambda: True)
     monkeypatch.setattr(packed_linear, "available_memory_bytes", lambda: 10 << 30)
-    cpu = torch.device("cpu")
-    assert packed_linear.should_prepack(True, cpu, 4 << 30)
+    monkeypatch.setattr(packed_linear, "supports", lambda dtype: True)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert packed_linear.should_prepack(True, cpu, f32, 4 << 30)
     with pytest.warns(RuntimeWarning, match="would not fit"):
-        assert not packed_linear.should_prepack(True, cpu, 6 << 30)
-    assert not packed_linear.should_prepack(False, cpu, 1)
-    assert not packed_linear.should_prepack(True, torch.device("meta"), 1)
+        assert not packed_linear.should_prepack(True, cpu, f32, 6 << 30)
+    assert not packed_linear.should_prepack(False, cpu, f32, 1)
+    assert not packed_linear.should_prepack(True, torch.device("meta"), f32, 1)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_on_cpu_prepacks_only_where_onednn_can(gqa_llama3_ckpt, dtype):
+    """oneDNN refuses some dtypes on some CPUs (fp16 without AVX512-FP16, for one): the engine
+    then keeps F.linear instead of failing, and decodes either way."""
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype=dtype, policy="gpu-only")
+    step = llm.engine.runner.decode_step
+    assert step.prepacked == packed_linear.supports(getattr(torch, dtype))
+    out = llm.generate(mixed_prompts(384, (5, 9)),
+                       SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    llm.close()
+    assert [len(o.token_ids) for o in out] == [6, 6]
 
 
 def test_decode_inputs_pack_and_pad():
