@@ -60,7 +60,8 @@ def build_model(args, cfg: EngineConfig):
 def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
     """Release requests at their arrival times, step until all finish; returns the metrics row."""
     sched = engine.scheduler
-    n_records, preempt0, swaps0 = len(engine.records), sched.num_preemptions, sched.num_swaps
+    engine.records.clear()                                  # this run's iterations only
+    preempt0, swaps0 = sched.num_preemptions, sched.num_swaps
     pending = collections.deque(zip(specs, prompts))
     seqs = []
     bar = tqdm(total=len(specs), desc=engine.policy_name, unit="req", disable=not progress)
@@ -80,12 +81,12 @@ def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
         bar.update(len(finished))
     bar.close()
     tally = metrics.IterationTally()
-    for record in engine.records[n_records:]:
+    for record in engine.records:
         tally.add(record.plan)
     row = metrics.summarize(seqs, start, tally, sched.num_preemptions - preempt0,
                             sched.num_swaps - swaps0)
     if engine.predictor is not None:
-        row["predictor_error"] = engine.predictor.error_report(engine.records[n_records:])
+        row["predictor_error"] = engine.predictor.error_report(engine.records)
     return row
 
 

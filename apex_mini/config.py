@@ -172,6 +172,8 @@ class EngineConfig:
                                   "(0.1 = 10%)")
     predictor_feedback: bool = _flag(True, "scale the profile's predictions by the engine's own "
                                      "recent measured iterations (apex, neo)")
+    max_records: int = _flag(100_000, "iteration records the engine keeps for reports; when "
+                             "full, the older half is dropped (memory stays bounded)")
     profile_path: str | None = _flag(None, "profile JSON for the predictor (default: a cached "
                                      "profile for this model and machine)")
     seed: int = _flag(0, "seed for requests that give none")
@@ -185,7 +187,8 @@ class EngineConfig:
                 )
         if not 0.0 <= self.cpu_fraction <= 1.0:
             raise ValueError(f"cpu_fraction={self.cpu_fraction} must be between 0 and 1")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_threads"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_threads",
+                     "max_records"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         for name in ("gpu_kv_blocks", "cpu_kv_blocks"):

@@ -134,6 +134,8 @@ class Engine:
         measured = time.perf_counter() - start
         if not plan.is_empty:
             self.records.append(IterationRecord(plan, measured, shape))
+            if len(self.records) > self.cfg.max_records:   # a record holds its requests
+                del self.records[:len(self.records) - self.cfg.max_records // 2]
             observe = getattr(self.predictor, "observe", None)   # injected fakes may lack it
             if observe is not None:
                 observe(shape, plan.strategy, measured)

@@ -94,6 +94,21 @@ def test_seeded_sampling_is_independent_of_the_batch(mha_ckpt):
     assert other[0] != alone[0]
 
 
+def test_iteration_records_stay_bounded(mha_ckpt):
+    """A long-lived engine keeps at most max_records records (each holds its requests), the
+    newest ones, and the older half goes at once when full."""
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32", policy="gpu-only", max_records=8)
+    engine = llm.engine
+    engine.add_request([1, 5, 6], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    lengths, last = [], None
+    while engine.has_work():
+        last, _ = engine.step()
+        lengths.append(len(engine.records))
+    llm.close()
+    assert max(lengths) == 8 and lengths[:8] == list(range(1, 9)) and lengths[8] == 4
+    assert engine.records[-1].plan is last
+
+
 def test_eos_stops_and_max_tokens_limits(mha_ckpt):
     llm = LLM(mha_ckpt, device="cpu", dtype="float32")
     out = llm.generate([[1, 5, 6]], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True))[0]
