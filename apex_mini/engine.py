@@ -135,7 +135,8 @@ class Engine:
         if not plan.is_empty:
             self.records.append(IterationRecord(plan, measured, shape))
             if len(self.records) > self.cfg.max_records:   # a record holds its requests
-                del self.records[:len(self.records) - self.cfg.max_records // 2]
+                keep = max(1, self.cfg.max_records // 2)     # the newer half
+                del self.records[:len(self.records) - keep]
             observe = getattr(self.predictor, "observe", None)   # injected fakes may lack it
             if observe is not None:
                 observe(shape, plan.strategy, measured)

@@ -109,6 +109,16 @@ def test_iteration_records_stay_bounded(mha_ckpt):
     assert engine.records[-1].plan is last
 
 
+def test_one_record_kept_is_the_last_one(mha_ckpt):
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32", policy="gpu-only", max_records=1)
+    engine = llm.engine
+    engine.add_request([1, 5, 6], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    while engine.has_work():
+        last, _ = engine.step()
+        assert len(engine.records) == 1 and engine.records[0].plan is last
+    llm.close()
+
+
 def test_eos_stops_and_max_tokens_limits(mha_ckpt):
     llm = LLM(mha_ckpt, device="cpu", dtype="float32")
     out = llm.generate([[1, 5, 6]], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True))[0]
