@@ -15,6 +15,7 @@ import torch
 from .config import EngineConfig
 from .cost_tables import BatchShape
 from .cpu_attention import CPUAttentionWorker, compile_enabled
+from .decode_step import DecodeStep
 from .kv_cache import BlockManager, KVPool
 from .plan import Plan
 from .policies import make_policy
@@ -49,6 +50,10 @@ class Engine:
         self.policy_name = resolve_policy(cfg.policy, self.device)
         self.streams = Streams(self.device)
         self._build_cache()
+        # One decode step per engine, shared by its runners (the profiler's too): its packed
+        # weights are a copy, and its compiled graph or weight packing need doing only once.
+        self.decode_step = DecodeStep(model, self.gpu_pool, cfg.block_size, self.scratch_block,
+                                      compile=cfg.compile_decode, prepack=cfg.prepack_weights)
         self.predictor = predictor
         if self.policy_name in ("neo", "apex") and predictor is None:
             from .profiler import predictor_for_engine
@@ -58,7 +63,7 @@ class Engine:
         self.scheduler = Scheduler(self.policy, self.gpu_blocks, self.cpu_blocks, cfg.max_num_seqs,
                                    cfg.max_num_batched_tokens, self.max_model_len, tuple(eos))
         self.worker = CPUAttentionWorker(cfg.cpu_threads)
-        self.runner = self.make_runner(self.gpu_pool, self.scratch_block, self.worker)
+        self.runner = self.make_runner(self.worker)
         self.records: list[IterationRecord] = []
         self._ids = itertools.count()
 
@@ -86,15 +91,14 @@ class Engine:
         self.gpu_blocks = BlockManager(gpu_blocks, cfg.block_size, GPU)
         self.cpu_blocks = BlockManager(cpu_blocks, cfg.block_size, CPU)
 
-    def make_runner(self, gpu_pool: KVPool, scratch_block: int, worker) -> ModelRunner:
-        """A runner with this engine's model, host pool and options over `gpu_pool` (the
-        profiler times real iterations on a pool of its own)."""
+    def make_runner(self, worker) -> ModelRunner:
+        """A runner with this engine's model, pools, decode step and options, on `worker` (the
+        profiler times real iterations with a runner of its own, before the engine's exists)."""
         cfg = self.cfg
-        runner = ModelRunner(self.model, self.device, gpu_pool, self.cpu_pool, worker,
-                             self.streams, cfg.block_size, scratch_block,
+        runner = ModelRunner(self.model, self.device, self.gpu_pool, self.cpu_pool, worker,
+                             self.streams, cfg.block_size, self.scratch_block,
                              cfg.compile_cpu_attention and compile_enabled(), cfg.bucket_decode,
-                             compile_decode=cfg.compile_decode,
-                             prepack_weights=cfg.prepack_weights)
+                             self.decode_step)
         if self.device.type == "cuda" and cfg.cuda_graphs:
             from .cuda_graphs import CudaGraphDecoder
             runner.graphs = CudaGraphDecoder(runner.decode_step)

@@ -421,7 +421,7 @@ def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
         plans.append(Plan(gpu_decodes=seqs))
     worker = CPUAttentionWorker(engine.cfg.cpu_threads)
     try:
-        runner = engine.make_runner(engine.gpu_pool, engine.scratch_block, worker)
+        runner = engine.make_runner(worker)
         times = _time_plans(runner, plans, tables, grid.repeats)
     finally:
         worker.close()
@@ -455,7 +455,7 @@ def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strateg
                     **{s.seq_id: prompt_blocks for p in plans for s, _ in p.prefills}}}
     worker = CPUAttentionWorker(engine.cfg.cpu_threads)
     try:
-        runner = engine.make_runner(engine.gpu_pool, engine.scratch_block, worker)
+        runner = engine.make_runner(worker)
         times = _time_plans(runner, plans, tables, repeats)
     finally:
         worker.close()

@@ -36,8 +36,8 @@ from .streams import Streams, wait_event
 class ModelRunner:
     def __init__(self, model, device: torch.device, gpu_pool: KVPool, cpu_pool: KVPool,
                  worker, streams: Streams, block_size: int, scratch_block: int,
-                 compile_cpu_attention: bool, bucket_decode: bool, graphs=None,
-                 compile_decode: bool = False, prepack_weights: bool = True):
+                 compile_cpu_attention: bool, bucket_decode: bool, decode_step: DecodeStep,
+                 graphs=None):
         self.model, self.device = model, device
         self.pools = {GPU: gpu_pool, CPU: cpu_pool}
         self.worker, self.streams = worker, streams
@@ -46,9 +46,7 @@ class ModelRunner:
         self.bucket_decode = bucket_decode
         # Decode-only, device-only steps run this instead of the layer loop; None turns the
         # fast path off (every step then takes the layer loop, as a reference).
-        self.decode_step: DecodeStep | None = DecodeStep(model, gpu_pool, block_size,
-                                                         scratch_block, compile=compile_decode,
-                                                         prepack=prepack_weights)
+        self.decode_step: DecodeStep | None = decode_step
         self.graphs = graphs                 # CudaGraphDecoder (replays decode_step) or None
         # (rows, block-table width) -> fast-path steps run with that static shape
         self.decode_shapes: collections.Counter[tuple[int, int]] = collections.Counter()

@@ -138,6 +138,18 @@ def test_stacked_linear_matches_f_linear(rows, bias):
     torch.testing.assert_close(single, expected[:, :64], rtol=1e-6, atol=1e-6)
 
 
+def test_runners_of_one_engine_share_its_decode_step(gqa_llama3_ckpt):
+    """The profiler's runners and the engine's use one decode step: one packed copy of the
+    weights (and one compile) per engine, not one per runner."""
+    from apex_mini.cpu_attention import CPUAttentionWorker
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only")
+    engine = llm.engine
+    with CPUAttentionWorker(1) as worker:
+        other = engine.make_runner(worker)
+    assert engine.runner.decode_step is engine.decode_step is other.decode_step
+    llm.close()
+
+
 def test_available_memory_is_a_plausible_size():
     free = packed_linear.available_memory_bytes()
     if free is None:
