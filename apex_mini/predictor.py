@@ -200,6 +200,12 @@ class Predictor:
     def iteration_time(self, shape: BatchShape, strategy: Strategy) -> float:
         return self.breakdown(shape, strategy)["total_s"]
 
+    def scored(self, shape: BatchShape, plan) -> tuple[float, dict[str, float]]:
+        """(the prediction a run `plan` is scored by, this predictor's breakdown of `shape`):
+        the plan's own `predicted_s`, made before it ran, when it has one."""
+        b = self.breakdown(shape, plan.strategy)
+        return (b["total_s"] if plan.predicted_s is None else plan.predicted_s), b
+
     def observe(self, shape: BatchShape, strategy: Strategy, measured_s: float) -> None:
         """The engine ran this plan in `measured_s`: update the feedback (no-op without it)."""
         if self.feedback is not None and shape.num_tokens:
@@ -281,8 +287,7 @@ class Predictor:
             if r.measured_s <= 0:
                 continue
             shape = getattr(r, "shape", None) or BatchShape.from_plan(r.plan)
-            b = self.breakdown(shape, r.plan.strategy)
-            predicted = b["total_s"] if r.plan.predicted_s is None else r.plan.predicted_s
+            predicted, b = self.scored(shape, r.plan)
             name = r.plan.strategy.value
             if r.plan.strategy is Strategy.PIPELINE and not pipelines(shape):
                 name = Strategy.OVERLAP.value                  # what the runner actually ran

@@ -120,8 +120,7 @@ def run_report(model, cfg: EngineConfig, predictor, requests: int = 16, seed: in
 
 
 def _decision(record, predictor) -> dict:
-    b = predictor.breakdown(record.shape, record.plan.strategy)
-    predicted = b["total_s"] if record.plan.predicted_s is None else record.plan.predicted_s
+    predicted, b = predictor.scored(record.shape, record.plan)
     return {"plan": record.plan.summary(), "strategy": record.plan.strategy.value,
             "path": predictor.path(record.shape, record.plan.strategy),
             "predicted_ms": round(predicted * 1e3, 3), "table_ms": round(b["table_s"] * 1e3, 3),
