@@ -107,15 +107,16 @@ def run_hf(hf, ids: torch.Tensor, n: int) -> tuple[float, list[list[int]]]:
     return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
 
 
-def decode_times(runs: dict, ids, n: int, repeats: int) -> tuple[dict, dict]:
-    """Per side: `repeats` decode times t(n) - t(1), the sides taking turns within each repeat
+def decode_times(runs: dict, n: int, repeats: int) -> tuple[dict, dict]:
+    """Per side (`runs`: side -> run(tokens) -> (seconds, token lists)): `repeats` decode
+    times t(n) - t(1), the sides taking turns within each repeat
     (so drift on a noisy machine hits both alike), after one untimed warm-up run of n tokens
     each. Returns ({side: [seconds, ...]}, {side: that warm-up's tokens})."""
-    tokens = {side: run(ids, n)[1] for side, run in runs.items()}
+    tokens = {side: run(n)[1] for side, run in runs.items()}
     times = {side: [] for side in runs}
     for _ in range(repeats):
         for side, run in runs.items():
-            times[side].append(max(run(ids, n)[0] - run(ids, 1)[0], 1e-9))
+            times[side].append(max(run(n)[0] - run(1)[0], 1e-9))
     return times, tokens
 
 
@@ -173,10 +174,11 @@ def bench_device(args, device: torch.device, batches: list[int]) -> list[dict]:
     try:
         for B in batches:
             ids = prompts(B, P, vocab)
-            runs = {"ours": lambda x, n: run_ours(engine, x, n)}
+            runs = {"ours": lambda n: run_ours(engine, ids, n)}
             if hf is not None:
-                runs["hf"] = lambda x, n: run_hf(hf, x.to(device), n)
-            times, tokens = decode_times(runs, ids, N, args.repeats)
+                hf_ids = ids.to(device)                     # once, not per run
+                runs["hf"] = lambda n: run_hf(hf, hf_ids, n)
+            times, tokens = decode_times(runs, N, args.repeats)
             ours_s = statistics.median(times["ours"])
             gbps = decode_bytes(model, B, P, N) / ours_s / 1e9
             row = dict(device=device.type, model=name, batch=B, tok_s=B * (N - 1) / ours_s,
