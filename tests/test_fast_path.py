@@ -79,6 +79,36 @@ def test_decode_step_matches_layer_loop(gqa_llama3_ckpt, prepack):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
+def test_context_buffers_are_reused_and_grow(gqa_llama3_ckpt):
+    """The CPU step gathers K/V into buffers kept between steps: logits equal those of fresh
+    tensors bit for bit, a step of the same size reuses the buffers, a larger one grows them,
+    and a smaller one after it uses their first blocks."""
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only")
+    engine, step = llm.engine, llm.engine.decode_step
+    assert step.reuse_buffers
+    for ids in mixed_prompts(384, (7, 20, 40)):
+        engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    engine.step()                                      # the prefills
+    plan = engine.scheduler.schedule()
+    tables = engine.block_tables()[GPU]
+    kept = [build_decode_inputs(plan.gpu_decodes[:n], tables, engine.cfg.block_size,
+                                engine.scratch_block, True, pin=False) for n in (1, 3, 1, 3)]
+    with torch.inference_mode():
+        logits, buffers = [], []
+        for inputs in kept:
+            logits.append(step(inputs).clone())
+            buffers.append(step.context_buffers[0])
+        step.reuse_buffers = False
+        fresh = [step(inputs) for inputs in kept]
+    llm.close()
+    small, large = kept[0].key, kept[1].key            # (rows, block-table width)
+    assert small[0] * small[1] < large[0] * large[1]
+    assert buffers[0].shape[0] == small[0] * small[1] and buffers[1].shape[0] == large[0] * large[1]
+    assert buffers[1] is buffers[2] is buffers[3]
+    for a, b in zip(logits, fresh):
+        assert torch.equal(a, b)
+
+
 def test_requests_join_and_leave_across_buckets(gqa_llama3_ckpt):
     """3 running -> 5 (two join late) -> 2 (three finish): every request's tokens equal its
     tokens when it runs alone, and the batch really crossed the 4/8 bucket boundary."""
