@@ -29,6 +29,7 @@ from .predictor import pipelines
 from .sequence import CPU, GPU, Sequence
 
 PATIENCE = 8            # iterations a host request may be deferred before it must run
+RECHECK = 8             # asks a "host does not pay" verdict stands while nothing else changes
 MAX_CANDIDATES = 24     # host-batch sizes tried per strategy (all of them when fewer)
 
 
@@ -55,6 +56,7 @@ class PredictivePolicy:
         self.predictor = predictor
         self.margin = cfg.latency_margin
         self.deferred: dict[int, int] = {}      # seq_id -> iterations deferred in a row
+        self.declined: tuple[tuple, int] | None = None   # (what was asked, asks it still stands)
 
     # ---------------------------------------------------------------- placement
 
@@ -71,7 +73,21 @@ class PredictivePolicy:
         there, with the device's running requests, must be predicted to beat the GPU-only plan
         of the device's requests (within the latency bound, for apex). Otherwise the request
         would only sit on the host, deferred, until the starvation guard forced it through; it
-        waits for the device instead, or is preempted, as under GPU-only."""
+        waits for the device instead, or is preempted, as under GPU-only.
+
+        While the device is full the queue's head is asked about every iteration. A "no" stands
+        for the next `RECHECK` asks about the same request with the same running requests in
+        the same tiers (their contexts grow by a token an iteration, which moves the prediction
+        little): the search costs a few predictor calls, as much as the rest of `schedule()`."""
+        asked = (seq.seq_id, tuple((s.seq_id, s.tier) for s in sched.running))
+        if self.declined is not None and self.declined[0] == asked and self.declined[1] > 0:
+            self.declined = (asked, self.declined[1] - 1)
+            return False
+        pays = self._host_pays(seq, sched)
+        self.declined = None if pays else (asked, RECHECK)
+        return pays
+
+    def _host_pays(self, seq: Sequence, sched) -> bool:
         dev = [s for s in sched.running if s.tier == GPU and s is not seq]
         host = [s for s in sched.running if s.tier == CPU and s is not seq] + [seq]
         base = BatchShape(n_gpu_decodes=len(dev), gpu_decode_kv=sum(s.num_tokens for s in dev),

@@ -30,6 +30,7 @@ extrapolation past the ends. A table point predicts exactly its own time.
 from __future__ import annotations
 
 import bisect
+import operator
 import statistics
 
 from .cost_tables import BatchShape, Profile
@@ -37,6 +38,7 @@ from .feedback import Feedback
 from .plan import Strategy, bucket
 
 PIPELINE_SIM_LAYERS = 4       # the pipeline is periodic after its first layer; extrapolate
+first = operator.itemgetter(0)
 
 
 # ------------------------------------------------------------------------------- interpolation
@@ -48,8 +50,7 @@ def interp1(table: list[list[float]], x: float) -> float:
     if len(table) == 1:
         x0, y0 = table[0]
         return y0 * x / x0 if x0 else y0
-    xs = [p[0] for p in table]
-    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    i = min(max(bisect.bisect_right(table, x, key=first) - 1, 0), len(table) - 2)
     (x0, y0), (x1, y1) = table[i], table[i + 1]
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 

@@ -24,7 +24,7 @@ from apex_mini.cost_tables import BatchShape
 from apex_mini.kv_cache import BlockManager
 from apex_mini.plan import Plan, Strategy
 from apex_mini.policies import GpuOnlyPolicy, StaticPolicy
-from apex_mini.predictive_policies import PATIENCE, ApexPolicy, NeoPolicy, make_predictive_policy
+from apex_mini.predictive_policies import PATIENCE, RECHECK, ApexPolicy, NeoPolicy, make_predictive_policy
 from apex_mini.predictor import pipelines
 from apex_mini.sampling import SamplingParams
 from apex_mini.scheduler import Scheduler
@@ -229,6 +229,31 @@ def test_new_request_waits_when_the_host_cannot_pay():
     plan = sched.schedule()
     assert a.tier == GPU and b.status is Status.WAITING and list(sched.waiting) == [b]
     assert [s for s, _ in plan.prefills] == [a] and not plan.uses_host
+
+
+def test_a_declined_offload_stands_until_something_changes():
+    """The waiting head is asked about every iteration while the device is full. A "no" stands
+    for RECHECK asks with the same running requests (no predictor calls), is searched again
+    after them, and at once when the running set changes; a "yes" is never remembered."""
+    model = DesignModel(R=50.0)
+    policy = ApexPolicy(cfg(), model)
+    sched = make_sched(policy, gpu_blocks=4, cpu_blocks=64)
+    running = [decoding(sched, GPU, ctx=20) for _ in range(2)]
+    head = new_seq(40)
+
+    def ask():
+        before = model.calls
+        verdict = policy.offload(head, sched)
+        return verdict, model.calls - before
+
+    assert ask()[0] is False and model.calls > 0
+    assert [ask() for _ in range(RECHECK)] == [(False, 0)] * RECHECK
+    assert ask()[1] > 0                               # searched again
+    sched.running.remove(running[1])                  # one finished: the set changed
+    assert ask()[1] > 0
+    model.R = 1.0                                     # host work now pays
+    sched.running.append(running[1])
+    assert ask()[0] is True and ask()[1] > 0          # "yes" is searched every time
 
 
 @pytest.mark.parametrize("R,moved", [(1.0, True), (50.0, False)])
