@@ -44,7 +44,14 @@ from .packed_linear import StackedLinear, should_prepack
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """model.RMSNorm without the module call: the same ops in the same order, same bits."""
+    """model.RMSNorm without the module call, same bits.
+
+    In fp32 that is torch's own `rms_norm`: one op instead of six, 1.4x-2x faster on 1-16 rows
+    on the benchmark machine, and bit-identical to the six there. In fp16/bf16 torch's op
+    multiplies by the weight before rounding to x's dtype and transformers after, so the
+    half-precision path keeps the six ops."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 

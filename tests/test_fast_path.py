@@ -109,6 +109,22 @@ def test_context_buffers_are_reused_and_grow(gqa_llama3_ckpt):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [256, 4096])
+def test_step_rms_norm_equals_the_models(dtype, hidden):
+    """The decode step's RMSNorm (torch's fused op in fp32, the model's six ops otherwise)
+    gives model.RMSNorm's bits on the CPU."""
+    from apex_mini.decode_step import rms_norm
+    from apex_mini.model import RMSNorm
+    torch.manual_seed(hidden)
+    norm = RMSNorm(hidden, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden))
+    for rows in (1, 7, 64):
+        x = (3 * torch.randn(rows, hidden)).to(dtype)
+        assert torch.equal(rms_norm(x, norm.weight, 1e-5), norm(x))
+
+
 def test_requests_join_and_leave_across_buckets(gqa_llama3_ckpt):
     """3 running -> 5 (two join late) -> 2 (three finish): every request's tokens equal its
     tokens when it runs alone, and the batch really crossed the 4/8 bucket boundary."""
