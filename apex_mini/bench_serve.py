@@ -3,12 +3,17 @@
     python -m apex_mini.bench serve                                   # the shipped model, chat
     python -m apex_mini.bench serve --workload long-input --num-requests 16 --length-scale 0.1
     python -m apex_mini.bench serve --model-shape llama2-7b --gpu-memory-gb 16 --json out.json
+    python -m apex_mini.bench serve --repeats 3                       # policies in turns, medians
 
 The model is built once; each policy gets its own engine (and KV pools) around it, freed before
 the next. Requests are released by wall-clock arrival time between `Engine.step()` calls, and
 TTFT counts from the intended arrival, so time a request waits for the running step is included.
 Prompts are random token ids and outputs ignore end-of-sequence, so every policy computes exactly
 the same number of tokens. The metrics are the simulator's (metrics.py).
+
+On a noisy machine, `--repeats N` runs every policy N times, in turns (gpu-only, static, neo,
+apex, gpu-only, ...), and reports each policy's median run and the median of the rounds' own
+ratios to gpu-only: one run per policy, back to back, compares machines minutes apart.
 """
 from __future__ import annotations
 
@@ -39,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads for torch "
                    "(default: torch's own choice); 1 avoids thread contention on a busy machine")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up requests")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per policy, the policies taking turns (gpu-only, static, ..., "
+                        "gpu-only, ...); each row is the median run, x gpu-only the median of "
+                        "the rounds' ratios (default 1)")
     workloads.add_cli_flags(p, default_requests=32)
     metrics.add_cli_flags(p)
     EngineConfig.add_cli_flags(p, skip=("policy",))
@@ -109,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args, argv) -> int:
     policies = metrics.parse_policies(args.policies)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     cfg = EngineConfig.from_cli(args)
     specs = workloads.make_workload(args.workload, args.num_requests, args.rate, args.length_scale,
                                     cfg.seed, args.trace)
@@ -116,28 +127,31 @@ def serve(args, argv) -> int:
     workloads.check_fits(specs, min(cfg.max_model_len or mc.max_position_embeddings,
                                     mc.max_position_embeddings))
     prompts = workloads.prompt_token_ids(specs, mc.vocab_size, cfg.seed)
-    rows, predictor = {}, None
-    for name in policies:
-        engine = Engine(model, dataclasses.replace(cfg, policy=name), predictor=predictor)
-        predictor = predictor or engine.predictor           # profile once, share it
-        try:
-            if not args.no_warmup:
-                warm_up(engine, mc.vocab_size)
-            rows[name] = run_policy(engine, specs, prompts, not args.no_progress)
-            rows[name]["kv_blocks"] = {"gpu": engine.gpu_blocks.num_blocks,
-                                       "cpu": engine.cpu_blocks.num_blocks}
-        finally:
-            engine.close()
-            del engine
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    runs, predictor = {name: [] for name in policies}, None
+    for _round in range(args.repeats):            # in turns: drift hits every policy alike
+        for name in policies:
+            engine = Engine(model, dataclasses.replace(cfg, policy=name), predictor=predictor)
+            predictor = predictor or engine.predictor       # profile once, share it
+            try:
+                if not args.no_warmup:
+                    warm_up(engine, mc.vocab_size)
+                row = run_policy(engine, specs, prompts, not args.no_progress)
+                row["kv_blocks"] = {"gpu": engine.gpu_blocks.num_blocks,
+                                    "cpu": engine.cpu_blocks.num_blocks}
+                runs[name].append(row)
+            finally:
+                engine.close()
+                del engine
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+    rows = {name: metrics.median_run(r) for name, r in runs.items()}
     workload = {"name": args.workload, "rate": args.rate, "length_scale": args.length_scale,
                 **workloads.describe(specs)}
     hardware = {**metrics.machine_info(next(model.parameters()).device),
                 "torch_threads": torch.get_num_threads()}
     rep = metrics.report(rows, workload, model_info, hardware, "apex_mini.bench serve", argv,
-                         simulated=False)
+                         simulated=False, repeats=args.repeats)
     metrics.publish(rep, args, f"measured: {model_info['name']}, {args.workload} workload")
     return 0
 

@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -113,10 +114,26 @@ def summarize(seqs, start: float, tally: IterationTally, preemptions: int, swaps
 
 
 def add_ratios(policies: dict[str, dict]) -> None:
-    """Fill ratio_to_gpu_only (throughput / gpu-only's) when gpu-only ran."""
-    base = policies.get("gpu-only", {}).get("throughput_tok_s")
+    """Fill ratio_to_gpu_only when gpu-only ran: throughput / gpu-only's. Rows of repeated runs
+    taken in turns (`throughput_runs`, one per round) get the median of the rounds' own
+    ratios, so that a machine drifting between rounds moves both sides of each ratio alike."""
+    base = policies.get("gpu-only", {})
     for row in policies.values():
-        row["ratio_to_gpu_only"] = row["throughput_tok_s"] / base if base else None
+        runs, base_runs = row.get("throughput_runs"), base.get("throughput_runs")
+        if runs and base_runs and len(runs) == len(base_runs) and all(base_runs):
+            row["ratio_to_gpu_only"] = statistics.median(r / b for r, b in zip(runs, base_runs))
+        else:
+            b = base.get("throughput_tok_s")
+            row["ratio_to_gpu_only"] = row["throughput_tok_s"] / b if b else None
+
+
+def median_run(rows: list[dict]) -> dict:
+    """One policy's repeated runs as one row: the run with the median throughput (the lower of
+    the middle two for an even count), plus every run's throughput in run order."""
+    ordered = sorted(rows, key=lambda r: r["throughput_tok_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["throughput_runs"] = [r["throughput_tok_s"] for r in rows]
+    return row
 
 
 def report(policies: dict[str, dict], workload: dict, model: dict, hardware: dict, program: str,
@@ -147,6 +164,9 @@ def markdown(rep: dict) -> str:
             f"| {_fmt(r['tpot_p99_s'], 1e3)} | {r['completed']}/{r['num_requests']} "
             f"| {r['preemptions']} | {r['swaps']} | {mix or '-'} |")
     w = rep["workload"]
+    if rep.get("repeats", 1) > 1:
+        lines += ["", f"each policy ran {rep['repeats']} times, the policies taking turns; a row is "
+                  "its median-throughput run, x gpu-only the median of the rounds' ratios"]
     lines += ["", f"workload: {w.get('name')}, {w.get('num_requests')} requests, mean prompt "
               f"{w.get('mean_prompt_len', 0):.0f} tokens, mean output "
               f"{w.get('mean_output_len', 0):.0f} "

@@ -40,6 +40,40 @@ def test_every_policy_completes_every_request(tmp_path, capsys):
     assert png.stat().st_size > 0
 
 
+def test_repeats_take_turns_and_report_medians(tmp_path, monkeypatch):
+    """--repeats 3: each policy runs three times, the policies in turns; a row is the policy's
+    median-throughput run, and x gpu-only the median of the three rounds' own ratios."""
+    from apex_mini import bench_serve
+    order, real = [], bench_serve.run_policy
+
+    def recording(engine, *a):
+        order.append(engine.policy_name)
+        return real(engine, *a)
+    monkeypatch.setattr(bench_serve, "run_policy", recording)
+    out = tmp_path / "serve.json"
+    assert bench.main(["serve", "--model-shape", "tiny", "--device", "cpu", "--workload", "mixed",
+                       "--num-requests", "3", "--length-scale", "0.05", "--policies",
+                       "gpu-only,static", "--repeats", "3", "--json", str(out), "--no-progress",
+                       "--no-warmup", "--torch-threads", "1"]) == 0
+    assert order == ["gpu-only", "static"] * 3
+    rep = json.loads(out.read_text())
+    assert rep["repeats"] == 3
+    base, static = rep["policies"]["gpu-only"], rep["policies"]["static"]
+    for row in (base, static):
+        runs = row["throughput_runs"]
+        assert len(runs) == 3 and row["throughput_tok_s"] == sorted(runs)[1]
+    ratios = sorted(s / b for s, b in zip(static["throughput_runs"], base["throughput_runs"]))
+    assert static["ratio_to_gpu_only"] == pytest.approx(ratios[1])
+    assert base["ratio_to_gpu_only"] == pytest.approx(1.0)
+
+
+def test_median_run_of_an_even_count_is_the_lower_middle():
+    from apex_mini.metrics import median_run
+    rows = [{"throughput_tok_s": t, "run": i} for i, t in enumerate((40.0, 10.0, 30.0, 20.0))]
+    row = median_run(rows)
+    assert row["run"] == 3 and row["throughput_runs"] == [40.0, 10.0, 30.0, 20.0]
+
+
 def test_trace_arrivals_are_respected(tmp_path):
     trace = tmp_path / "trace.jsonl"
     trace.write_text("\n".join(json.dumps({"arrival_s": t, "prompt_len": 5, "output_len": 3})
@@ -54,6 +88,8 @@ def test_trace_arrivals_are_respected(tmp_path):
 
 
 def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="--repeats"):
+        bench.main(["serve", "--model-shape", "tiny", "--device", "cpu", "--repeats", "0"])
     with pytest.raises(ValueError, match="unknown policies"):
         bench.main(["serve", "--model-shape", "tiny", "--policies", "gpu-only,vllm"])
     with pytest.raises(ValueError, match="length-scale"):
