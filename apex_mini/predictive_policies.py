@@ -108,15 +108,18 @@ class PredictivePolicy:
     def choose(self, plan: Plan, sched) -> None:
         host_prefills = [(s, n) for s, n in plan.prefills if s.tier == CPU]
         host_seqs = [s for s, _ in host_prefills] + plan.cpu_decodes
+        if not host_seqs:                             # the common case: nothing to decide
+            self.deferred.clear()
+            t_gpu = self.predictor.iteration_time(BatchShape.from_plan(plan), Strategy.GPU_ONLY)
+            plan.strategy, plan.predicted_s = Strategy.GPU_ONLY, t_gpu
+            plan.reason = f"{self.name}: no host work"
+            return
         alive = {s.seq_id for s in host_seqs}
         self.deferred = {i: c for i, c in self.deferred.items() if i in alive}
         dev_plan = Plan(prefills=[(s, n) for s, n in plan.prefills if s.tier == GPU],
                         gpu_decodes=plan.gpu_decodes, swaps=plan.swaps)
         base = BatchShape.from_plan(dev_plan)
         t_gpu = self.predictor.iteration_time(base, Strategy.GPU_ONLY)
-        if not host_seqs:
-            self._apply(plan, host_prefills, [], Strategy.GPU_ONLY, t_gpu, "no host work")
-            return
         # Longest-deferred first, then oldest: the order in which host decodes get a seat.
         decodes = sorted(plan.cpu_decodes, key=lambda s: -self.deferred.get(s.seq_id, 0))
         starving = [s for s in host_seqs if self.deferred.get(s.seq_id, 0) >= PATIENCE]
