@@ -9,9 +9,10 @@ token t of a sequence lives at (block_table[t // block_size], t % block_size). G
 Hugging Face's repeat_kv: query head h reads kv head h // (num_heads // num_kv_heads).
 
 Two formulations of the same math (fp32 accumulation, output in q's dtype):
-- eager: gather each sequence's blocks into a contiguous copy, then PyTorch's own attention
-  kernel (`scaled_dot_product_attention`), as the device's decode step does. Plain, but the
-  gather writes (and re-reads) a copy of the KV, so it moves ~3x the bytes it must.
+- eager: gather each sequence's blocks into a contiguous copy (in buffers each thread keeps,
+  `kv_cache.GatherBuffers`), then PyTorch's own attention kernel
+  (`scaled_dot_product_attention`), as the device's decode step does. Plain, but the gather
+  writes (and re-reads) a copy of the KV, so it moves ~3x the bytes it must.
 - fused: broadcast-multiply-and-sum, compiled by Inductor, which turns `k_cache[blocks]` into
   indirect loads inside its reduction loops: each KV byte is read once, nothing is copied.
 """
@@ -25,6 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+
+from .kv_cache import GatherBuffers, gather_blocks
 
 # Blocks per partial sum in the fused value reduction. Summing a superblock's tokens first
 # keeps its V (8 blocks) in cache while every query head of a KV group reuses it; the partial
@@ -72,6 +75,8 @@ def _used_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_s
 
 # ------------------------------------------------------------------------------------ eager
 
+_GATHER = GatherBuffers()      # per thread: workers attend concurrently
+
 def paged_decode_attention_eager(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor,
                                  scale: float) -> torch.Tensor:
@@ -84,11 +89,13 @@ def paged_decode_attention_eager(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     blocks = _used_blocks(block_tables, context_lens, block_size, k_cache.shape[0])  # [num_seqs, max_blocks]
     max_len = blocks.shape[1] * block_size
     valid = torch.arange(max_len) < context_lens[:, None]              # [num_seqs, max_len]
-    # Gathered copies, padding zeroed: a slot never written may hold NaN, which a -inf mask
-    # does not remove (NaN + -inf is NaN, and 0 * NaN is NaN).
+    # Gathered copies, into this thread's kept buffers, padding zeroed: a slot never written
+    # may hold NaN, which a -inf mask does not remove (NaN + -inf is NaN, and 0 * NaN is NaN).
     pad = (~valid).flatten().nonzero().squeeze(1)                     # padded rows: usually few
-    k = k_cache[blocks].view(-1, num_kv_heads, head_dim).index_fill_(0, pad, 0)
-    v = v_cache[blocks].view(-1, num_kv_heads, head_dim).index_fill_(0, pad, 0)
+    flat = blocks.flatten()                                           # [num_seqs * max_blocks]
+    k_out, v_out = _GATHER.take(k_cache, len(flat))
+    k = gather_blocks(k_cache, flat, k_out).view(-1, num_kv_heads, head_dim).index_fill_(0, pad, 0)
+    v = gather_blocks(v_cache, flat, v_out).view(-1, num_kv_heads, head_dim).index_fill_(0, pad, 0)
     k = k.view(num_seqs, max_len, num_kv_heads, head_dim)
     v = v.view(num_seqs, max_len, num_kv_heads, head_dim)
     # The `group` query heads that share a KV head act as `group` query positions of that head,

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .batch import DecodeInputs
-from .kv_cache import KVPool
+from .kv_cache import GatherBuffers, KVPool, gather_blocks
 from .packed_linear import StackedLinear, should_prepack
 
 
@@ -94,13 +94,12 @@ class DecodeStep:
                 proj(m.gate_proj, m.up_proj), proj(m.down_proj),
                 k_cache, v_cache))
         self.compiled = compile
-        # Two [n, block_size, KVH, D] buffers the eager CPU step gathers each layer's context
-        # into, grown to the largest step seen. Not for CUDA (its caching allocator already
-        # reuses memory, and a captured graph must not see a buffer replaced) nor for Inductor
-        # (which plans its own buffers).
+        # The eager CPU step gathers each layer's context into buffers kept between steps
+        # (kv_cache.GatherBuffers). Not on CUDA (its caching allocator already reuses memory,
+        # and a captured graph must not see a buffer replaced) nor under Inductor (which plans
+        # its own buffers).
         self.reuse_buffers = self.device.type == "cpu" and not compile
-        self.context_buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.cache_dtype = pool.dtype
+        self.buffers = GatherBuffers()
         # The first shape compiles static, a second shape recompiles once with dynamic sizes.
         # On the CPU the generated code's wrapper is C++ too (cpp_wrapper): a Python wrapper
         # costs ~0.2 ms per step, which is a quarter of a small model's whole step.
@@ -133,7 +132,8 @@ class DecodeStep:
         # turns a boolean mask into this on each call (9 us of 29 at batch 1 here).
         mask = torch.where(visible, 0.0, float("-inf")).to(hidden.dtype)[:, None, None, :]  # [B, 1, 1, ctx]
         blocks = block_tables.flatten()                                    # [B * W]
-        k_out, v_out = self._context_buffers(B * W) if self.reuse_buffers else (None, None)
+        k_out, v_out = (self.buffers.take(self.layers[0][6], B * W) if self.reuse_buffers
+                        else (None, None))                                 # [B * W, block_size, KVH, D]
         for ln1, qkv_proj, o_proj, ln2, gate_up_proj, down_proj, k_cache, v_cache in self.layers:
             x = rms_norm(hidden, ln1, self.eps)                            # [B, hidden]
             qkv = qkv_proj(x).view(B, H + 2 * KVH, D)                      # q heads, k heads, v heads
@@ -143,8 +143,8 @@ class DecodeStep:
             # Append this step's K/V, then gather each row's whole context (this row included).
             k_cache.view(-1, KVH, D).index_copy_(0, slots, k)
             v_cache.view(-1, KVH, D).index_copy_(0, slots, v)
-            k_ctx = gather(k_cache, blocks, k_out).view(B, ctx, KVH, D).transpose(1, 2)  # [B, KVH, ctx, D]
-            v_ctx = gather(v_cache, blocks, v_out).view(B, ctx, KVH, D).transpose(1, 2)  # [B, KVH, ctx, D]
+            k_ctx = gather_blocks(k_cache, blocks, k_out).view(B, ctx, KVH, D).transpose(1, 2)  # [B, KVH, ctx, D]
+            v_ctx = gather_blocks(v_cache, blocks, v_out).view(B, ctx, KVH, D).transpose(1, 2)  # [B, KVH, ctx, D]
             # The G query heads that share a KV head act as G query positions of one head.
             out = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), k_ctx, v_ctx,
                                                  attn_mask=mask, scale=self.scale)      # [B, KVH, G, D]
@@ -153,18 +153,3 @@ class DecodeStep:
             hidden = hidden + down_proj(F.silu(gate) * up)
         hidden = rms_norm(hidden, self.final_norm, self.eps)
         return self.lm_head(hidden).float()                                # [B, vocab]
-
-    def _context_buffers(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `num_blocks` blocks of the K and V gather buffers, grown when too small."""
-        if self.context_buffers is None or self.context_buffers[0].shape[0] < num_blocks:
-            shape = (num_blocks, self.block_size, self.KVH, self.D)
-            self.context_buffers = tuple(torch.empty(shape, dtype=self.cache_dtype,
-                                                     device=self.device) for _kv in range(2))
-        return tuple(buf[:num_blocks] for buf in self.context_buffers)
-
-
-def gather(cache: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """cache[blocks]: whole blocks, [len(blocks), block_size, KVH, D], into `out` if given."""
-    if out is None:
-        return cache.index_select(0, blocks)
-    return torch.index_select(cache, 0, blocks, out=out)

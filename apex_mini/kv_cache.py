@@ -11,6 +11,8 @@ as `[num_blocks * block_size, num_kv_heads, head_dim]`.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .streams import Streams
@@ -123,6 +125,39 @@ class KVPool:
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class GatherBuffers(threading.local):
+    """Per-thread K and V buffers that the CPU's eager attention paths (the decode step's, the
+    host tier's eager kernel) gather whole KV blocks into, kept between calls and grown to the
+    largest call. A fresh tensor of that size comes from the OS as new pages, zeroed when first
+    touched, and on the benchmark machine that cost more than the gather itself (2-3x the whole
+    eager kernel at 1k-4k tokens x 8-32 sequences). A thread must be done with one call's
+    buffers before it asks for the next."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def take(self, cache: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `num_blocks` blocks of a K and a V buffer whose blocks are shaped like
+        `cache`'s ([block_size, num_kv_heads, head_dim], same dtype and device)."""
+        k = self.k
+        if (k is None or k.shape[0] < num_blocks or k.shape[1:] != cache.shape[1:]
+                or k.dtype != cache.dtype or k.device != cache.device):
+            self.k = torch.empty((num_blocks, *cache.shape[1:]), dtype=cache.dtype,
+                                 device=cache.device)
+            self.v = torch.empty_like(self.k)
+        return self.k[:num_blocks], self.v[:num_blocks]
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """cache[blocks] for a 1-D tensor of block ids: [len(blocks), block_size, num_kv_heads,
+    head_dim], written into `out` (a `GatherBuffers` slice) when given."""
+    if out is None:
+        return cache.index_select(0, blocks)
+    return torch.index_select(cache, 0, blocks, out=out)
 
 
 def slots_for(table: list[int], start: int, end: int, block_size: int) -> list[int]:

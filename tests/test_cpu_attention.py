@@ -85,6 +85,30 @@ def test_unwritten_slots_past_the_context_are_ignored():
     assert max_error(out, ref) < 1e-5
 
 
+def test_eager_kernel_keeps_its_gather_buffers_per_thread():
+    """The eager kernel gathers into buffers its thread keeps: a small call after a large one
+    reuses them and sees none of the large call's data (its padding slots hold NaN in the pool
+    and must still be zeroed), and another thread gets buffers of its own."""
+    large = make_case([300, 200], 4, 2, seed=1)
+    small = make_case([5, 40, 17], 4, 2, seed=2)
+    for block, offset in ((small[3][0, 0].item(), 7), (small[3][2, 1].item(), 3)):
+        small[1][block, offset] = small[2][block, offset] = float("nan")   # past seqs 0 and 2
+    ca.paged_decode_attention_eager(*large)
+    kept = ca._GATHER.k
+    out = ca.paged_decode_attention_eager(*small)
+    assert ca._GATHER.k is kept                       # reused, not reallocated
+    assert max_error(out, naive(*small)) < 1e-5
+    seen = []
+
+    def attend():
+        ca.paged_decode_attention_eager(*small)
+        seen.append(ca._GATHER.k)
+    other = threading.Thread(target=attend)
+    other.start()
+    other.join()
+    assert seen[0] is not kept and seen[0].shape[0] < kept.shape[0]
+
+
 def test_append_kv_writes_exactly_its_slots():
     q, k_cache, v_cache, tables, lens, scale = make_case([9, 31], 4, 2, seed=2)
     before_k, before_v = k_cache.clone(), v_cache.clone()

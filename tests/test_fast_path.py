@@ -97,7 +97,7 @@ def test_context_buffers_are_reused_and_grow(gqa_llama3_ckpt):
         logits, buffers = [], []
         for inputs in kept:
             logits.append(step(inputs).clone())
-            buffers.append(step.context_buffers[0])
+            buffers.append(step.buffers.k)
         step.reuse_buffers = False
         fresh = [step(inputs) for inputs in kept]
     llm.close()
