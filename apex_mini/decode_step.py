@@ -14,8 +14,9 @@ this leaner function instead:
   cos/sin, the attention mask, the flattened block tables.
 - On the CPU the gathered K/V context goes into two buffers kept from step to step (eager
   step only). A fresh tensor of that size (136 KB per layer at batch 1 here, 2 MB at batch
-  16) comes from the OS as new pages, and touching them for the first time cost more than the
-  gather itself: the whole step ran 2.3x faster at batch 16 with the buffers kept.
+  16) comes from the OS as new pages, and touching them for the first time can cost more than
+  the gather itself: one step repeated on the same inputs ran 2.3x faster at batch 16 with the
+  buffers kept (4-7% in the engine, whose allocator state varies from step to step).
 - Weights are fetched once, at construction, into plain tuples: no nn.Module call and no
   attribute lookups per layer. On the CPU the eager step multiplies by oneDNN-packed copies,
   q/k/v and gate/up each stacked into one product (packed_linear.py; `prepack=False` turns it
@@ -130,7 +131,8 @@ class DecodeStep:
         visible = torch.arange(ctx, device=positions.device) < context_lens[:, None]   # [B, ctx]
         # An additive mask (0 / -inf), built once for every layer: PyTorch's CPU attention
         # turns a boolean mask into this on each call (9 us of 29 at batch 1 here).
-        mask = torch.where(visible, 0.0, float("-inf")).to(hidden.dtype)[:, None, None, :]  # [B, 1, 1, ctx]
+        mask = torch.where(visible, 0.0, float("-inf")).to(hidden.dtype)
+        mask = mask[:, None, None, :]                                      # [B, 1, 1, ctx]
         blocks = block_tables.flatten()                                    # [B * W]
         k_out, v_out = (self.buffers.take(self.layers[0][6], B * W) if self.reuse_buffers
                         else (None, None))                                 # [B * W, block_size, KVH, D]
