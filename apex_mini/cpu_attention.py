@@ -180,9 +180,11 @@ def paged_decode_attention_fused(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         return torch.empty_like(q)
     blocks = _used_blocks(block_tables, context_lens, k_cache.shape[1], k_cache.shape[0],
                           SUPERBLOCK)
-    blocks = blocks.view(num_seqs, -1, SUPERBLOCK)                    # [num_seqs, num_super, SUPERBLOCK]
+    # Fresh tensors for the ints: views at other storage offsets (tables cut from one packed
+    # tensor) would each cost a recompile.
+    blocks = blocks.view(num_seqs, -1, SUPERBLOCK).clone()            # [num_seqs, num_super, SUPERBLOCK]
     qs = q.float() * scale                                            # scale folded here: no float guard
-    lens = context_lens.to(torch.long)
+    lens = context_lens.to(torch.long, copy=True)
     # Batch size and length vary every step, pool sizes between engines: mark them dynamic so
     # they share one graph.
     for t, dims in ((qs, (0,)), (blocks, (0, 1)), (lens, (0,)), (k_cache, (0,)), (v_cache, (0,))):
@@ -190,6 +192,31 @@ def paged_decode_attention_fused(q: torch.Tensor, k_cache: torch.Tensor, v_cache
             torch._dynamo.maybe_mark_dynamic(t, d)
     out = _COMPILED.get()(qs, k_cache, v_cache, blocks, lens)         # [num_seqs, num_heads, head_dim]
     return out.to(q.dtype)
+
+
+def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
+    """Compile the fused kernel now, for every graph serving will ask for, so that the first
+    host decodes do not stall while it compiles (seconds per graph on a small machine).
+
+    Dynamo gives a size of 1 a graph of its own (one sequence or several; one superblock of
+    context or several), and Inductor's code for the superblock sums differs past a length
+    (32 superblocks, 4k tokens in blocks of 16, with torch 2.13): six graphs per dtype and head
+    layout, for 1 and 2 sequences of 1, 2 and 64 superblocks. Its guards also cover the
+    calling thread's torch thread count and whether a tensor was made in inference mode, so
+    call this where the engine attends (`worker.submit(precompile, ...)`) with the pool's own
+    tensors (read, not written). A no-op when compiling is off."""
+    if not compile_enabled() or _COMPILED.failed:
+        return
+    num_blocks, block_size, _, head_dim = k_cache.shape
+    with torch.inference_mode():                                      # as the runner's queries
+        for num_seqs in (1, 2):
+            for supers in (1, 2, 64):
+                context = (supers - 1) * SUPERBLOCK * block_size + 1
+                width = -(-context // block_size)
+                tables = torch.arange(num_seqs * width).view(num_seqs, width) % num_blocks
+                q = torch.zeros(num_seqs, num_heads, head_dim, dtype=k_cache.dtype)
+                lens = torch.full((num_seqs,), context)
+                paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -179,6 +179,24 @@ def test_compiled_is_the_default_unless_disabled(monkeypatch):
                        ca.paged_decode_attention_fused(*case))
 
 
+@pytest.mark.slow
+def test_precompile_leaves_nothing_to_compile(monkeypatch):
+    """After `precompile` on the worker, with the pool's own tensors, no batch size or context
+    length compiles again (each graph costs seconds in a serving run's first iterations)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
+    q, k_cache, v_cache, _, _, scale = make_case([1], 6, 3, head_dim=8, spare_blocks=4000)
+    with ca.CPUAttentionWorker(1) as worker:
+        worker.submit(ca.precompile, k_cache, v_cache, 6).result()
+        graphs = counters["stats"]["unique_graphs"]
+        for lens in ([3], [40, 7, 300], [1], [5000], [2100, 9, 600, 70]):
+            case = make_case(lens, 6, 3, head_dim=8, seed=len(lens), spare_blocks=0)
+            pool = (k_cache[:len(case[1])].copy_(case[1]), v_cache[:len(case[2])].copy_(case[2]))
+            out = worker.run_decode(case[0], *pool, *case[3:])
+            assert max_error(out, naive(case[0], *pool, *case[3:])) < 1e-5
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_compile_failure_falls_back_to_eager_once(monkeypatch):
     case = make_case([12, 30], 4, 2, seed=6)
     monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
