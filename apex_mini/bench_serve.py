@@ -30,7 +30,6 @@ from tqdm import tqdm
 from . import metrics, workloads
 from .cli import add_model_flags, run_cli
 from .config import EngineConfig
-from .cpu_attention import precompile
 from .engine import Engine
 from .sampling import SamplingParams
 from .weights import model_for, resolve_device
@@ -102,12 +101,8 @@ def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
 
 def warm_up(engine: Engine, vocab_size: int) -> None:
     """A few tiny requests through every path this policy uses (first launches, the decode
-    step), and every graph of the compiled host kernel: tiny requests alone would leave most
-    of its compiling to the timed run (`static` once served 0.5x its later rounds' tokens/s)."""
-    if engine.policy.uses_host and engine.runner.compile_cpu_attention:
-        k_cache, v_cache = engine.cpu_pool.layer(0)
-        engine.worker.submit(precompile, k_cache, v_cache,
-                             engine.model_config.num_attention_heads).result()
+    step). The engine compiled its host kernel when it was built (`cpu_attention.precompile`;
+    before that, `static`'s first timed run here served 0.5x its later rounds' tokens/s)."""
     specs = [workloads.RequestSpec(0.0, 8 + 3 * i, 4) for i in range(WARMUP_REQUESTS)]
     run_policy(engine, specs, workloads.prompt_token_ids(specs, vocab_size, seed=99), False)
 

@@ -194,24 +194,28 @@ def paged_decode_attention_fused(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     return out.to(q.dtype)
 
 
-def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
+def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+               max_context: int | None = None) -> None:
     """Compile the fused kernel now, for every graph serving will ask for, so that the first
     host decodes do not stall while it compiles (seconds per graph on a small machine).
 
     Dynamo gives a size of 1 a graph of its own (one sequence or several; one superblock of
     context or several), and Inductor's code for the superblock sums differs past a length
-    (32 superblocks, 4k tokens in blocks of 16, with torch 2.13): six graphs per dtype and head
-    layout, for 1 and 2 sequences of 1, 2 and 64 superblocks. Its guards also cover the
-    calling thread's torch thread count and whether a tensor was made in inference mode, so
-    call this where the engine attends (`worker.submit(precompile, ...)`) with the pool's own
-    tensors (read, not written). A no-op when compiling is off."""
+    (32 superblocks, 4k tokens in blocks of 16, with torch 2.13): up to six graphs per dtype and
+    head layout, for 1 and 2 sequences of 1, 2 and 33 superblocks, those longer than
+    `max_context` tokens left out. Its guards also cover the calling thread's torch thread
+    count and whether a tensor was made in inference mode, so call this where the engine
+    attends (`worker.submit(precompile, ...)`) with the pool's own tensors (read, not written).
+    A no-op when compiling is off."""
     if not compile_enabled() or _COMPILED.failed:
         return
     num_blocks, block_size, _, head_dim = k_cache.shape
     with torch.inference_mode():                                      # as the runner's queries
         for num_seqs in (1, 2):
-            for supers in (1, 2, 64):
+            for supers in (1, 2, 33):
                 context = (supers - 1) * SUPERBLOCK * block_size + 1
+                if max_context is not None and context > max_context:
+                    break
                 width = -(-context // block_size)
                 tables = torch.arange(num_seqs * width).view(num_seqs, width) % num_blocks
                 q = torch.zeros(num_seqs, num_heads, head_dim, dtype=k_cache.dtype)

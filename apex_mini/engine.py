@@ -14,7 +14,7 @@ import torch
 
 from .config import EngineConfig
 from .cost_tables import BatchShape
-from .cpu_attention import CPUAttentionWorker, compile_enabled
+from .cpu_attention import CPUAttentionWorker, compile_enabled, precompile
 from .decode_step import DecodeStep
 from .kv_cache import BlockManager, KVPool
 from .plan import Plan
@@ -64,6 +64,12 @@ class Engine:
                                    cfg.max_num_batched_tokens, self.max_model_len, tuple(eos))
         self.worker = CPUAttentionWorker(cfg.cpu_threads)
         self.runner = self.make_runner(self.worker)
+        if self.policy.uses_host and self.runner.compile_cpu_attention:
+            # The host kernel's graphs now, on the worker (its guards include the thread's
+            # torch thread count), rather than stalling the first requests decoded on the host.
+            k_cache, v_cache = self.cpu_pool.layer(0)
+            self.worker.submit(precompile, k_cache, v_cache, mc.num_attention_heads,
+                               self.max_model_len).result()
         self.records: list[IterationRecord] = []
         self._ids = itertools.count()
 

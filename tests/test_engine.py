@@ -146,3 +146,23 @@ def test_bad_inputs_raise_value_error(mha_ckpt):
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM(mha_ckpt, device="cpu", no_such_option=1)
     llm.close()
+
+
+@pytest.mark.slow
+def test_host_engine_compiles_its_host_kernel_when_built(gqa_llama3_ckpt, monkeypatch):
+    """With the compiled host kernel on, a host-policy engine compiles its graphs when it is
+    built: decoding on the host afterwards (three requests, then two, then one; contexts of one
+    superblock and of two) compiles nothing more, and the tokens equal gpu-only's."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
+    prompts = mixed_prompts(lengths=(150, 5, 40))
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (30, 8, 16)]
+    expected, _ = run(gqa_llama3_ckpt, prompts, params, policy="gpu-only")
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="static", cpu_fraction=1.0)
+    assert llm.engine.runner.compile_cpu_attention
+    graphs = counters["stats"]["unique_graphs"]
+    tokens = [o.token_ids for o in llm.generate(prompts, params)]
+    host_rows = {len(r.plan.cpu_decodes) for r in llm.engine.records}
+    llm.close()
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert {1, 2, 3} <= host_rows and tokens == expected
