@@ -77,6 +77,7 @@ def _used_blocks(block_tables: torch.Tensor, context_lens: torch.Tensor, block_s
 
 _GATHER = GatherBuffers()      # per thread: workers attend concurrently
 
+
 def paged_decode_attention_eager(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor,
                                  scale: float) -> torch.Tensor:

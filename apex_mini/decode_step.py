@@ -99,8 +99,8 @@ class DecodeStep:
         # (kv_cache.GatherBuffers). Not on CUDA (its caching allocator already reuses memory,
         # and a captured graph must not see a buffer replaced) nor under Inductor (which plans
         # its own buffers).
-        self.reuse_buffers = self.device.type == "cpu" and not compile
-        self.buffers = GatherBuffers()
+        self.buffers = GatherBuffers() if self.device.type == "cpu" and not compile else None
+        self.cache_like = pool.layer(0)[0]                 # the block shape the buffers hold
         # The first shape compiles static, a second shape recompiles once with dynamic sizes.
         # On the CPU the generated code's wrapper is C++ too (cpp_wrapper): a Python wrapper
         # costs ~0.2 ms per step, which is a quarter of a small model's whole step.
@@ -134,7 +134,7 @@ class DecodeStep:
         mask = torch.where(visible, 0.0, float("-inf")).to(hidden.dtype)
         mask = mask[:, None, None, :]                                      # [B, 1, 1, ctx]
         blocks = block_tables.flatten()                                    # [B * W]
-        k_out, v_out = (self.buffers.take(self.layers[0][6], B * W) if self.reuse_buffers
+        k_out, v_out = (self.buffers.take(self.cache_like, B * W) if self.buffers is not None
                         else (None, None))                                 # [B * W, block_size, KVH, D]
         for ln1, qkv_proj, o_proj, ln2, gate_up_proj, down_proj, k_cache, v_cache in self.layers:
             x = rms_norm(hidden, ln1, self.eps)                            # [B, hidden]

@@ -85,7 +85,7 @@ def test_context_buffers_are_reused_and_grow(gqa_llama3_ckpt):
     and a smaller one after it uses their first blocks."""
     llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only")
     engine, step = llm.engine, llm.engine.decode_step
-    assert step.reuse_buffers
+    assert step.buffers is not None
     for ids in mixed_prompts(384, (7, 20, 40)):
         engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
     engine.step()                                      # the prefills
@@ -98,7 +98,7 @@ def test_context_buffers_are_reused_and_grow(gqa_llama3_ckpt):
         for inputs in kept:
             logits.append(step(inputs).clone())
             buffers.append(step.buffers.k)
-        step.reuse_buffers = False
+        step.buffers = None
         fresh = [step(inputs) for inputs in kept]
     llm.close()
     small, large = kept[0].key, kept[1].key            # (rows, block-table width)
