@@ -195,6 +195,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be at least 1")
+        if self.cpu_kv_gb < 0:
+            raise ValueError(f"cpu_kv_gb={self.cpu_kv_gb} must be >= 0")
         if self.latency_margin < 0:
             raise ValueError(f"latency_margin={self.latency_margin} must be >= 0")
 

@@ -81,10 +81,13 @@ class Engine:
         most = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
         gpu_blocks = cfg.gpu_kv_blocks or min(most, self._device_kv_bytes() // per_block)
         if gpu_blocks < 1:
-            raise ValueError("no device memory is left for the KV cache; lower --gpu-memory-gb "
-                             "use or pass --gpu-kv-blocks")
+            raise ValueError("no device memory is left for the KV cache; raise --gpu-memory-gb "
+                             "or pass --gpu-kv-blocks")
         uses_host = self.policy_name != "gpu-only"
         cpu_blocks = cfg.cpu_kv_blocks or min(most, int(cfg.cpu_kv_gb * (1 << 30)) // per_block)
+        if uses_host and cpu_blocks < 1:
+            raise ValueError(f"--cpu-kv-gb {cfg.cpu_kv_gb} holds no KV block ({per_block} bytes); "
+                             f"raise it, pass --cpu-kv-blocks, or use --policy gpu-only")
         cpu_blocks = cpu_blocks if uses_host else 1
         self.kv_bytes_per_block = per_block
         # One extra device block that no request owns: padded decode rows write there.
@@ -123,7 +126,25 @@ class Engine:
 
     # ---------------------------------------------------------------- requests
 
+    def check_request(self, token_ids: list[int], params: SamplingParams,
+                      what: str = "the request") -> None:
+        """Raise ValueError unless this request can run: a non-empty prompt of vocabulary ids,
+        shorter than the model's context, whose KV fits in a tier (`what` names it)."""
+        if not token_ids:
+            raise ValueError(f"{what} has an empty prompt; give some text or token ids")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what} has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"{what} has {len(token_ids)} prompt tokens but the model's context "
+                             f"is {self.max_model_len}; shorten the prompt")
+        self.scheduler.check_capacity(len(token_ids), params.max_tokens, what)
+
     def add_request(self, token_ids: list[int], params: SamplingParams) -> Sequence:
+        """Queue one request (checked first: see check_request); it runs from the next step."""
+        token_ids = list(token_ids)
+        self.check_request(token_ids, params)
         seq_id = next(self._ids)
         seed = params.seed if params.seed is not None else hash((self.cfg.seed, seq_id)) & (2**62 - 1)
         seq = Sequence(seq_id, list(token_ids), params, seed=seed)

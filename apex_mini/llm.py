@@ -45,26 +45,14 @@ class LLM:
     # ---------------------------------------------------------------- input checks
 
     def encode(self, prompt: Prompt, index: int = 0) -> list[int]:
+        """Text (or a token-id list) -> token ids; `Engine.check_request` checks the ids."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError(f"prompt {index} is empty; give some text or token ids")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass prompts as token-id lists")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            if not ids:
-                raise ValueError(f"prompt {index} is empty; give some text or token ids")
-            vocab = self.engine.model_config.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt {index} has token id {bad[0]!r} outside the vocabulary "
-                                 f"[0, {vocab})")
-        limit = self.engine.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens but the model's context is "
-                             f"{limit}; shorten the prompt")
-        return ids
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:
         if params is None:
@@ -83,7 +71,9 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = self._params_list(sampling_params, len(prompts))
-        ids = [self.encode(p, i) for i, p in enumerate(prompts)]     # check all before adding any
+        ids = [self.encode(p, i) for i, p in enumerate(prompts)]
+        for i, (t, p) in enumerate(zip(ids, params)):                # check all before adding any
+            self.engine.check_request(t, p, f"prompt {i}")
         return [self.engine.add_request(t, p) for t, p in zip(ids, params)]
 
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params=None,

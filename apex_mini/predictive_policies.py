@@ -62,7 +62,9 @@ class PredictivePolicy:
 
     def place(self, seq: Sequence, sched) -> str | None:
         # One spare device block, so the running decodes' next step rarely forces a swap-out.
-        if sched.fits(seq, GPU, reserve=1):
+        # None when no request runs there: a request that needs every device block (and does
+        # not fit the host) must still get in once the device is empty.
+        if sched.fits(seq, GPU, reserve=1 if sched.tier_seqs(GPU) else 0):
             return GPU
         if sched.fits(seq, CPU) and self.offload(seq, sched):
             return CPU

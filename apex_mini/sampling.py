@@ -35,8 +35,10 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k} must be an integer >= 0 (0 disables it)")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} must be an integer >= 1")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an integer or None")
+        if self.seed is not None and not (isinstance(self.seed, int)
+                                          and -2**63 <= self.seed < 2**63):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [-2**63, 2**63) "
+                             "(a 64-bit signed integer) or None")
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:

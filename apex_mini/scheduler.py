@@ -43,14 +43,19 @@ class Scheduler:
     # ---------------------------------------------------------------- queues
 
     def add(self, seq: Sequence) -> None:
-        need = seq.num_tokens + seq.params.max_tokens
+        self.check_capacity(seq.num_tokens, seq.params.max_tokens, f"request {seq.seq_id}")
+        self.waiting.append(seq)
+
+    def check_capacity(self, prompt_len: int, max_tokens: int, what: str) -> None:
+        """Raise ValueError unless a request's whole KV (prompt plus output, up to the model's
+        context) fits in one tier this policy uses: else it could never run."""
+        need = prompt_len + max_tokens
         biggest = max(m.num_blocks for m in self.blocks.values() if self.usable(m))
         if self.blocks[GPU].blocks_needed(min(need, self.max_model_len)) > biggest:
             raise ValueError(
-                f"request {seq.seq_id} needs {need} tokens of KV cache but the largest tier holds "
+                f"{what} needs {need} tokens of KV cache but the largest tier holds "
                 f"{biggest * self.blocks[GPU].block_size}; raise --gpu-kv-blocks/--cpu-kv-blocks "
                 "or lower --max-new-tokens")
-        self.waiting.append(seq)
 
     def usable(self, manager: BlockManager) -> bool:
         return manager is self.blocks[GPU] or self.policy.uses_host

@@ -145,7 +145,33 @@ def test_bad_inputs_raise_value_error(mha_ckpt):
         llm.generate([[5], [6]], [GREEDY])
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM(mha_ckpt, device="cpu", no_such_option=1)
+    # Requests added to the engine directly (arriving mid-run) get the same checks.
+    for ids, match in (([], "empty"), ([5, 100000], "vocabulary"), ([5] * 300, "context")):
+        with pytest.raises(ValueError, match=match):
+            llm.engine.add_request(ids, GREEDY)
+    assert not llm.engine.has_work()
     llm.close()
+
+
+def test_a_rejected_prompt_queues_none_of_its_call(mha_ckpt):
+    """Every prompt of a call is checked, KV capacity included, before any is queued: a bad
+    last prompt must not leave the first ones to run, unreturned, in the next call."""
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32", block_size=16, gpu_kv_blocks=2)
+    fits = SamplingParams(temperature=0.0, max_tokens=4)
+    too_long = SamplingParams(temperature=0.0, max_tokens=100)     # 105 tokens > 2 blocks of 16
+    with pytest.raises(ValueError, match="prompt 1 needs 105 tokens of KV cache"):
+        llm.generate([[5, 6, 7], [5] * 5], [fits, too_long])
+    assert not llm.engine.has_work()
+    assert len(llm.generate([[8, 9]], fits)) == 1
+    llm.close()
+
+
+def test_a_host_tier_of_no_blocks_is_a_clear_error(mha_ckpt):
+    with pytest.raises(ValueError, match="--cpu-kv-gb 0.0 holds no KV block"):
+        LLM(mha_ckpt, device="cpu", policy="static", cpu_kv_gb=0.0)
+    with pytest.raises(ValueError, match="cpu_kv_gb=-1"):
+        LLM(mha_ckpt, device="cpu", cpu_kv_gb=-1)
+    LLM(mha_ckpt, device="cpu", policy="gpu-only", cpu_kv_gb=0.0).close()   # no host tier used
 
 
 @pytest.mark.slow

@@ -218,6 +218,21 @@ def test_fcfs_admission_never_skips():
     assert list(sched.waiting) == [big, small]
 
 
+@pytest.mark.parametrize("policy_cls", [ApexPolicy, NeoPolicy])
+def test_a_request_that_needs_the_whole_device_gets_in_once_it_is_empty(policy_cls):
+    """The predictive policies keep one device block spare for the running decodes, but with
+    nothing running there a request that needs every device block (and does not fit the
+    smaller host) must still be placed, as under GPU-only, and run to its end."""
+    sched = make_sched(policy_cls(cfg(), DesignModel()), gpu_blocks=4, cpu_blocks=2)
+    seq = new_seq(62, max_tokens=2)                  # 64 tokens: exactly the 4 device blocks
+    sched.add(seq)
+    plan = step(sched)
+    assert seq.tier == GPU and [s for s, _ in plan.prefills] == [seq]
+    while sched.has_work():
+        assert not step(sched).is_empty
+    assert seq.num_output == 2 and sched.num_preemptions == 0
+
+
 def test_new_request_waits_when_the_host_cannot_pay():
     """Host attention 50x slower than the device's: a host plan breaks the latency bound, so
     the request that does not fit the device waits, as under GPU-only, instead of sitting on
