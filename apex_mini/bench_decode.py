@@ -30,11 +30,12 @@ import datetime
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from .cli import add_model_flags, run_cli, size_list, write_json
-from .config import EngineConfig
+from .cli import add_model_flags, check_output_path, run_cli, size_list, write_json
+from .config import EngineConfig, ModelConfig
 from .engine import Engine
 from .metrics import machine_info
 from .sampling import SamplingParams
@@ -48,11 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Decode tok/s and GB/s vs the roofline and transformers.")
     add_model_flags(p)
     p.add_argument("--batches", default="1,8,16,32,64", help="decode batch sizes, comma-separated")
-    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (N)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
+    p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (>= 1; "
+                   "with --new-tokens, within the model's context)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (N, "
+                   ">= 2)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median, >= 1)")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch.set_num_threads for both sides (default: torch's own choice)")
+                   help="torch.set_num_threads for both sides, >= 1 (default: torch's own choice)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
     p.add_argument("--hf", action="store_true", help="run transformers even for 7B+ shapes on CPU")
     p.add_argument("--json", default=None, help="write {'rows': [...], ...} to this path")
@@ -214,13 +217,46 @@ def format_row(r: dict) -> str:
             f"{r['gbps']:8.2f} {r['roofline_gbps']:13.2f} {r['roofline_frac']:11.0%} {hf}")
 
 
+def check_context(args, cfg: EngineConfig) -> None:
+    """--prompt-len plus --new-tokens must fit the model's context (else the engine refuses the
+    prompt, or stops generating short of N tokens), known from its config before it loads."""
+    from .config import DEFAULT_MODEL_DIR
+    from .weights import MODEL_SHAPES
+    if args.model_shape in MODEL_SHAPES:
+        mc = MODEL_SHAPES[args.model_shape]
+    elif Path(args.model or DEFAULT_MODEL_DIR, "config.json").is_file():
+        mc = ModelConfig.from_hf(args.model or DEFAULT_MODEL_DIR)
+    else:
+        return                                   # model_for says what is missing
+    context = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    if args.prompt_len + args.new_tokens > context:
+        limit = ("--max-model-len is" if context < mc.max_position_embeddings
+                 else "the model's context is")
+        raise ValueError(f"--prompt-len {args.prompt_len} plus --new-tokens {args.new_tokens} is "
+                         f"{args.prompt_len + args.new_tokens} tokens but {limit} {context}; "
+                         "lower --prompt-len or --new-tokens")
+
+
+def check_threads(value: int | None, flag: str) -> None:
+    """A thread count: unset (torch's own choice) or at least 1."""
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be at least 1 (leave it out for torch's own choice), "
+                         f"got {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.batches, args.new_tokens, args.repeats = "1,8", min(args.new_tokens, 16), 1
     batches = size_list(args.batches, "--batches")
+    # Every input is checked here, before a model is loaded or anything is timed.
     if args.prompt_len < 1 or args.new_tokens < 2:
         raise ValueError("--prompt-len needs >= 1 and --new-tokens >= 2")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    check_threads(args.torch_threads, "--torch-threads")
+    check_output_path(args.json, "--json")
+    check_context(args, EngineConfig.from_cli(args))
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     # Here --device auto means every device: the CPU, and CUDA when present.

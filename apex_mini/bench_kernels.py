@@ -33,9 +33,10 @@ import time
 import torch
 
 from . import cpu_attention as ca
-from .bench_decode import copy_bandwidth_gbps
-from .cli import run_cli, size_list, write_json
+from .bench_decode import check_threads, copy_bandwidth_gbps
+from .cli import check_output_path, run_cli, size_list, write_json
 from .metrics import machine_info
+from .packed_linear import available_memory_bytes
 from .weights import MODEL_SHAPES
 
 POOL_BYTES = 512 << 20         # K + V bytes per point at least: far more than any LLC
@@ -59,11 +60,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="compiled,eager", help="kernels to run: compiled, eager")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads for the kernel (default: torch's own choice)")
+                   help="torch intra-op threads for the kernel, >= 1 (default: torch's own choice)")
     p.add_argument("--quick", action="store_true",
                    help="contexts 512,1024, batches 1,8, the tiny shape, a small pool: a smoke run")
     p.add_argument("--json", default=None, help="write {'copy_gbps': ..., 'rows': [...]} here")
     return p
+
+
+def pool_blocks(context: int, batch: int, block_size: int, block_bytes: int,
+                pool_bytes: int) -> tuple[int, int]:
+    """(blocks of one copy of a point's KV, copies in its pool): as many disjoint copies as
+    fill `pool_bytes`, at least one."""
+    need = batch * -(-context // block_size)
+    return need, max(1, pool_bytes // (need * block_bytes))
+
+
+def peak_bytes(context: int, batch: int, num_kv_heads: int, head_dim: int, block_size: int,
+               dtype: torch.dtype, pool_bytes: int = POOL_BYTES) -> int:
+    """About the most memory one point takes at once: its K and V pools, plus the larger of the
+    float32 staging tensor one pool is drawn in and the eager kernel's gathered K and V."""
+    block_bytes = 2 * block_size * num_kv_heads * head_dim * dtype.itemsize      # K and V
+    need, copies = pool_blocks(context, batch, block_size, block_bytes, pool_bytes)
+    pools = copies * need * block_bytes
+    staging = pools // 2 // dtype.itemsize * 4
+    gathered = need * block_bytes
+    return pools + max(staging, gathered)
+
+
+def check_memory(contexts: list[int], batches: list[int], shape: str, dtype: torch.dtype,
+                 block_size: int, pool_bytes: int) -> None:
+    """Refuse, before anything runs, a point whose pool would not fit in the memory free now."""
+    free = available_memory_bytes()
+    if free is None:
+        return
+    mc = MODEL_SHAPES[shape]
+    peak, context, batch = max((peak_bytes(c, b, mc.num_key_value_heads, mc.head_dim, block_size,
+                                           dtype, pool_bytes), c, b)
+                               for c in contexts for b in batches)
+    if peak > free:
+        raise ValueError(f"--contexts {context} with --batches {batch} needs about "
+                         f"{peak / 1e9:.1f} GB for its KV pool but {free / 1e9:.1f} GB is free; "
+                         "lower --contexts or --batches")
 
 
 class Point:
@@ -74,9 +111,8 @@ class Point:
                  seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         blocks_per_seq = -(-context // block_size)
-        need = batch * blocks_per_seq                           # blocks of one copy
         block_bytes = 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
-        self.copies = max(1, pool_bytes // (need * block_bytes))
+        need, self.copies = pool_blocks(context, batch, block_size, block_bytes, pool_bytes)
         pool = (self.copies * need, block_size, num_kv_heads, head_dim)
         self.k_cache = torch.randn(pool, generator=g).to(dtype)  # [num_blocks, block_size, KVH, D]
         self.v_cache = torch.randn(pool, generator=g).to(dtype)
@@ -171,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--modes takes {', '.join(KERNELS)}, got {args.modes!r}")
     if args.block_size < 1:
         raise ValueError(f"--block-size={args.block_size} must be at least 1")
+    check_threads(args.threads, "--threads")
+    check_output_path(args.json, "--json")
+    pool_bytes = QUICK_POOL_BYTES if args.quick else POOL_BYTES
+    check_memory(contexts, batches, args.shape, DTYPES[args.dtype], args.block_size, pool_bytes)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
@@ -184,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
           f"# GB/s = KV bytes read / median time per call (1e9 bytes/s); copy bandwidth "
           f"(read + write) {copy_gbps:.2f} GB/s")
     print(HEADER, flush=True)
-    pool_bytes = QUICK_POOL_BYTES if args.quick else POOL_BYTES
     rows = run(contexts, batches, modes, args.shape, dtype, args.block_size, pool_bytes,
                progress=lambda row: print(format_row(row, copy_gbps), flush=True))
     copy_after = copy_bandwidth_gbps(torch.device("cpu"))     # was the machine steady?

@@ -17,6 +17,11 @@ def _pyplot():
     return plt
 
 
+def check_plot() -> None:
+    """Raise ValueError now, before a run whose results --plot would draw, if it cannot."""
+    _pyplot()
+
+
 def figure(rep: dict, title: str | None = None):
     """A 1x3 figure: output tok/s per policy, TTFT CDF, TPOT CDF."""
     plt = _pyplot()

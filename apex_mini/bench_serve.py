@@ -28,10 +28,13 @@ import torch
 from tqdm import tqdm
 
 from . import metrics, workloads
-from .cli import add_model_flags, run_cli
+from .bench_decode import check_threads
+from .cli import add_model_flags, check_output_path, run_cli
 from .config import EngineConfig
 from .engine import Engine
 from .sampling import SamplingParams
+from .sequence import GPU
+from .simulate import check_trace_arg, policy_list
 from .weights import model_for, resolve_device
 
 WARMUP_REQUESTS = 2     # tiny requests run before timing, so compilation is not measured
@@ -41,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apex_mini.bench serve",
                                 description="Run one serving workload through every policy.")
     add_model_flags(p)
-    p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads for torch "
-                   "(default: torch's own choice); 1 avoids thread contention on a busy machine")
+    p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads for torch, "
+                   ">= 1 (default: torch's own choice); 1 avoids thread contention on a busy "
+                   "machine")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up requests")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per policy, the policies taking turns (gpu-only, static, ..., "
@@ -109,6 +113,7 @@ def warm_up(engine: Engine, vocab_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_threads(args.torch_threads, "--torch-threads")
     threads = torch.get_num_threads()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -118,10 +123,34 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
+CAPACITY_HINT = "lower --length-scale, or raise --gpu-kv-blocks / --cpu-kv-blocks"
+
+
+def check_capacity(engine: Engine, specs) -> None:
+    """Every request's KV must fit a tier this engine's policy uses: checked before it runs,
+    naming this tool's flags (the engine's own check would name --max-new-tokens)."""
+    sched, longest = engine.scheduler, max(specs, key=lambda s: s.total_len)
+    try:
+        sched.check_capacity(longest.prompt_len, longest.output_len, "x")
+    except ValueError:
+        tokens = min(longest.total_len, engine.max_model_len)
+        biggest = max(m.num_blocks for m in sched.blocks.values() if sched.usable(m))
+        raise ValueError(f"the longest request needs {tokens} tokens of KV cache but the largest "
+                         f"tier policy {engine.policy_name} uses holds "
+                         f"{biggest * sched.blocks[GPU].block_size}; {CAPACITY_HINT}") from None
+
+
 def serve(args, argv) -> int:
-    policies = metrics.parse_policies(args.policies)
+    # Every input is checked before the model is built: a bad one costs no run.
+    policies = policy_list(args.policies, "list each policy once (--repeats N runs each N times)")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    for flag in ("json", "markdown", "plot"):
+        check_output_path(getattr(args, flag), f"--{flag}")
+    if args.plot:
+        from .bench_plot import check_plot
+        check_plot()
+    check_trace_arg(args)
     cfg = EngineConfig.from_cli(args)
     specs = workloads.make_workload(args.workload, args.num_requests, args.rate, args.length_scale,
                                     cfg.seed, args.trace)
@@ -135,6 +164,7 @@ def serve(args, argv) -> int:
             engine = Engine(model, dataclasses.replace(cfg, policy=name), predictor=predictor)
             predictor = predictor or engine.predictor       # profile once, share it
             try:
+                check_capacity(engine, specs)
                 if not args.no_warmup:
                     warm_up(engine, mc.vocab_size)
                 row = run_policy(engine, specs, prompts, not args.no_progress)

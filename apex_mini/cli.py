@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Run `main`; a ValueError or FileNotFoundError (bad input) prints one line, no traceback."""
+    """Run `main`; bad input (ValueError, or an OSError such as a file that cannot be read or
+    written) prints one line, no traceback, and exits with status 2."""
     try:
         return main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -41,6 +43,23 @@ def size_list(text: str, flag: str) -> list[int]:
     if not values or min(values) < 1:
         raise ValueError(f"{flag} needs sizes >= 1, got {text!r}")
     return values
+
+
+def check_output_path(path: str | None, flag: str) -> None:
+    """Raise ValueError now, before a long run, if `path` (a file to write, folders made as
+    needed) could not be written at the end; None: nothing to check."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path")
+    folder = target.parent
+    while not folder.exists():                        # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is a file, not a folder; give another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path} cannot be written (permission denied); give another path")
 
 
 def write_json(path: str | None, report: dict) -> None:

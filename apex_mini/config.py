@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,21 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 2
     torch_dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "max_position_embeddings")
+        for name in sizes:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config.json: {name}={value!r} must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config.json: num_attention_heads={self.num_attention_heads} is not "
+                             f"a multiple of num_key_value_heads={self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"config.json: head_dim={self.head_dim} must be even (RoPE rotates "
+                             "pairs)")
+
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         if self.eos_token_id is None:
@@ -71,6 +89,12 @@ class ModelConfig:
                                "num_hidden_layers", "num_attention_heads") if k not in hf]
         if missing:
             raise ValueError(f"config.json lacks required fields: {', '.join(missing)}")
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "max_position_embeddings"):
+            value = hf.get(k)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"config.json: {k}={value!r} must be a positive integer")
         n_heads = hf["num_attention_heads"]
         rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
         rope_theta = hf.get("rope_theta")
@@ -92,7 +116,7 @@ class ModelConfig:
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=n_heads,
             num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            head_dim=hf.get("head_dim") or (hf["hidden_size"] // n_heads if n_heads else 0),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta or 10000.0),
@@ -109,6 +133,9 @@ class ModelConfig:
     def from_hf(cls, model_dir: str | os.PathLike) -> "ModelConfig":
         """Read `<model_dir>/config.json`."""
         path = Path(model_dir)
+        if path.is_file():
+            raise ValueError(f"{str(path)!r} is a file; pass --model the folder that holds "
+                             "config.json and *.safetensors")
         if not path.is_dir():
             raise FileNotFoundError(
                 f"model directory {str(path)!r} does not exist; pass --model with a folder that "
@@ -121,9 +148,35 @@ class ModelConfig:
             )
         try:
             hf = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{str(cfg)!r} is not valid JSON ({e}); re-save the checkpoint") from e
+        if not isinstance(hf, dict):
+            raise ValueError(f"{str(cfg)!r} holds a JSON {type(hf).__name__}, not an object of "
+                             "config fields; re-save the checkpoint")
         return cls.from_dict(hf)
+
+
+def _check_type(name: str, value, annotation: str) -> None:
+    """ValueError unless `value` suits its field's annotation ("int", "float | None", ...):
+    integers for int (not bools), finite numbers for float, True/False for bool."""
+    if value is None and annotation.endswith("| None"):
+        return
+    kind = annotation.split(" |")[0]
+    if kind == "int":
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif kind == "float":
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+              and math.isfinite(value))
+    elif kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        what = {"int": "an integer", "float": "a finite number", "bool": "True or False",
+                "str": "a string"}[kind]
+        raise ValueError(f"{name}={value!r} must be {what}")
 
 
 def _flag(default, help: str, choices=None, **extra):
@@ -137,8 +190,8 @@ POLICIES = ("auto", "gpu-only", "static", "neo", "apex")
 class EngineConfig:
     """Every engine option, with its default and help. `LLM(model, **options)` takes these."""
 
-    device: str = _flag("auto", "where weights and linear layers run: auto (cuda if present), cpu, cuda",
-                        choices=("auto", "cpu", "cuda"))
+    device: str = _flag("auto", "where weights and linear layers run: auto (cuda if present), "
+                        "cpu, cuda or cuda:N")
     dtype: str = _flag("auto", "weight and activation dtype: auto (the checkpoint's on GPU, float32 "
                        "on CPU), float32, bfloat16, float16",
                        choices=("auto", "float32", "bfloat16", "float16"))
@@ -179,12 +232,17 @@ class EngineConfig:
     seed: int = _flag(0, "seed for requests that give none")
 
     def __post_init__(self) -> None:
+        if isinstance(self.profile_path, os.PathLike):
+            self.profile_path = os.fspath(self.profile_path)
         for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), str(f.type))
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(
                     f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(choices)}"
                 )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
         if not 0.0 <= self.cpu_fraction <= 1.0:
             raise ValueError(f"cpu_fraction={self.cpu_fraction} must be between 0 and 1")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_threads",
@@ -195,6 +253,10 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be at least 1")
+        for name in ("gpu_memory_gb", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be > 0 (or unset)")
         if self.cpu_kv_gb < 0:
             raise ValueError(f"cpu_kv_gb={self.cpu_kv_gb} must be >= 0")
         if self.latency_margin < 0:
@@ -228,5 +290,9 @@ class EngineConfig:
 
     @classmethod
     def from_cli(cls, args: argparse.Namespace) -> "EngineConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        """The engine options among `args`. A None for an option that cannot be None is a
+        tool's own flag of the same name (generate's sampling --seed): the option keeps its
+        default."""
+        optional = {f.name: str(f.type).endswith("| None") for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items()
+                      if k in optional and (v is not None or optional[k])})

@@ -151,6 +151,10 @@ class Engine:
         self.scheduler.add(seq)
         return seq
 
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request that has not finished (its KV blocks are freed); finished: no-op."""
+        self.scheduler.abort(seq)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 

@@ -38,14 +38,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# generate's flag for each SamplingParams field, to name in its errors.
+SAMPLING_FLAGS = {"max_tokens": "--max-new-tokens", "temperature": "--temperature",
+                  "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"}
+
+
+def sampling_params(args) -> SamplingParams:
+    try:
+        return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
+                              seed=args.seed)
+    except ValueError as e:                  # "max_tokens=0 must be ..." -> "--max-new-tokens 0 ..."
+        field, _, rest = str(e).partition("=")
+        if field not in SAMPLING_FLAGS:
+            raise
+        raise ValueError(f"{SAMPLING_FLAGS[field]} {rest}") from None
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
+        path = args.prompts_file
         try:
-            with open(args.prompts_file, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except FileNotFoundError:
-            raise FileNotFoundError(f"prompts file {args.prompts_file!r} not found") from None
+            raise FileNotFoundError(f"prompts file {path!r} not found") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompts file {path!r} is not UTF-8 text (byte {e.start}); save "
+                             "it as UTF-8") from None
+        except OSError as e:                                      # a folder, no permission, ...
+            raise ValueError(f"prompts file {path!r} cannot be read: {e.strerror}") from None
         if not prompts:
             raise ValueError(f"prompts file {args.prompts_file!r} holds no prompts")
     return prompts or [DEFAULT_PROMPT]
@@ -53,13 +76,12 @@ def read_prompts(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
-                            seed=args.seed)
+    params = sampling_params(args)
     prompts = read_prompts(args)
     llm = LLM(args.model, **vars(EngineConfig.from_cli(args)))
     start = time.perf_counter()
     if len(prompts) == 1:
+        llm.engine.check_request(llm.encode(prompts[0]), params, "the prompt")   # before printing it
         print(prompts[0], end="", flush=True)
         n_tokens = 0
         for token, piece in llm.stream(prompts[0], params):

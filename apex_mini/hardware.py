@@ -12,11 +12,36 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelConfig
 from .cost_tables import Profile
+
+
+# Figures that must be > 0 (a rate, a size or a share), and those where 0 is meaningful (a fixed
+# cost of nothing, no reserve); every figure is a finite number, `cores` an integer.
+POSITIVE = {"memory_gb", "mem_bw_gbps", "tflops", "pcie_gbps", "bw_efficiency", "flop_efficiency",
+            "link_efficiency", "cores", "core_bw_gbps", "core_gflops", "kv_memory_gb"}
+NON_NEGATIVE = {"kernel_s", "call_s", "iteration_overhead_s", "reserve_gb"}
+
+
+def _check_figures(obj, prefix: str = "") -> None:
+    """ValueError naming the first figure of a spec that is not a finite number in its range."""
+    for f in dataclasses.fields(obj):
+        if f.name not in POSITIVE | NON_NEGATIVE:
+            continue
+        value = getattr(obj, f.name)
+        whole = f.name == "cores"
+        ok = (isinstance(value, numbers.Integral if whole else numbers.Real)
+              and not isinstance(value, bool) and math.isfinite(value))
+        ok = ok and (value > 0 if f.name in POSITIVE else value >= 0)
+        if not ok:
+            kind = "an integer" if whole else "a finite number"
+            bound = ">= 1" if whole else "> 0" if f.name in POSITIVE else ">= 0"
+            raise ValueError(f"{prefix}{f.name}={value!r} must be {kind} {bound}")
 
 
 @dataclass(frozen=True)
@@ -31,6 +56,9 @@ class GPUSpec:
     link_efficiency: float = 0.8     # achieved share of the link's bandwidth
     kernel_s: float = 5e-6           # fixed cost of one kernel (launch and tail), s
 
+    def __post_init__(self) -> None:
+        _check_figures(self, "gpu.")
+
 
 @dataclass(frozen=True)
 class HostSpec:
@@ -43,6 +71,9 @@ class HostSpec:
     kv_memory_gb: float = 64.0       # host memory given to the KV cache, GB
     call_s: float = 20e-6            # fixed cost of one attention call (wake the workers), s
 
+    def __post_init__(self) -> None:
+        _check_figures(self, "host.")
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -50,6 +81,9 @@ class Hardware:
     host: HostSpec
     iteration_overhead_s: float = 2e-3   # scheduling, input preparation, sampling sync, s
     reserve_gb: float = 1.0              # device memory kept for activations and context, GB
+
+    def __post_init__(self) -> None:
+        _check_figures(self)
 
     @property
     def name(self) -> str:
@@ -60,15 +94,17 @@ class Hardware:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Hardware":
+        expected = ('expected {"gpu": {name, memory_gb, mem_bw_gbps, tflops, pcie_gbps, ...}, '
+                    '"host": {name, mem_bw_gbps, cores, ...}, "iteration_overhead_s": ...}')
+        if not isinstance(data, dict):
+            raise ValueError(f"bad hardware description (a {type(data).__name__}, not an "
+                             f"object); {expected}")
         try:
             gpu, host = GPUSpec(**data["gpu"]), HostSpec(**data["host"])
             rest = {k: v for k, v in data.items() if k not in ("gpu", "host")}
             return cls(gpu, host, **rest)
         except (KeyError, TypeError) as e:
-            raise ValueError(f"bad hardware description ({e}); expected "
-                             '{"gpu": {name, memory_gb, mem_bw_gbps, tflops, pcie_gbps, ...}, '
-                             '"host": {name, mem_bw_gbps, cores, ...}, "iteration_overhead_s": ...}'
-                             ) from None
+            raise ValueError(f"bad hardware description ({e}); {expected}") from None
 
 
 # The table in design.md; efficiencies are the dataclass defaults unless said.
@@ -100,13 +136,19 @@ def load_hardware(path: str | Path) -> Hardware:
             import yaml
         except ImportError:
             raise ValueError("YAML hardware files need pyyaml; install it or write JSON") from None
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"hardware file {str(path)!r} is not valid YAML ({e})") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{str(path)!r} is not valid JSON ({e})") from None
-    return Hardware.from_dict(data)
+    try:
+        return Hardware.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"hardware file {str(path)!r}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------- costs

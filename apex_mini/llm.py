@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Iterator, Sequence as Seq
 
@@ -21,6 +23,8 @@ Prompt = str | list[int]
 
 @dataclass
 class RequestOutput:
+    """One request's result. `text` is the generated part as it continues the prompt: printed
+    after the prompt it reads right (its first word keeps its leading space)."""
     prompt: str | None
     prompt_token_ids: list[int]
     text: str
@@ -28,6 +32,24 @@ class RequestOutput:
     finish_reason: str | None
     num_preemptions: int = 0
     num_swaps: int = 0
+
+
+def _is_token_id(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def as_prompt_list(prompts) -> list:
+    """One prompt (text, or token ids as a list, tuple, tensor or array) or a list of them ->
+    a list of prompts."""
+    if hasattr(prompts, "tolist"):                    # a tensor or array: one row of ids, or rows
+        prompts = prompts.tolist()
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and _is_token_id(prompts[0])):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError("prompts must be text, a list of token ids, or a list of those; got "
+                         f"{type(prompts).__name__}")
+    return list(prompts)
 
 
 class LLM:
@@ -45,31 +67,39 @@ class LLM:
     # ---------------------------------------------------------------- input checks
 
     def encode(self, prompt: Prompt, index: int = 0) -> list[int]:
-        """Text (or a token-id list) -> token ids; `Engine.check_request` checks the ids."""
+        """Text (or token ids: a list, tuple, tensor or array) -> token ids; the ids themselves
+        are checked by `Engine.check_request`."""
+        if hasattr(prompt, "tolist"):                 # a torch tensor or numpy array of ids
+            prompt = prompt.tolist()
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError(f"prompt {index} is empty; give some text or token ids")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass prompts as token-id lists")
             return self.tokenizer.encode(prompt)
-        return list(prompt)
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt {index} is {type(prompt).__name__}; give text or a list "
+                             "of token ids")
+        return [int(t) if _is_token_id(t) else t for t in prompt]   # numpy ints -> int
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:
         if params is None:
             return [SamplingParams()] * n
         if isinstance(params, SamplingParams):
             return [params] * n
-        params = list(params)
+        if not isinstance(params, (list, tuple)) or not all(isinstance(p, SamplingParams)
+                                                             for p in params):
+            raise ValueError("sampling_params must be a SamplingParams or a list of them, one "
+                             f"per prompt; got {params!r}")
         if len(params) != n:
             raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; give one, or one "
                              "per prompt")
-        return params
+        return list(params)
 
     # ---------------------------------------------------------------- generation
 
-    def submit(self, prompts: Seq[Prompt], sampling_params=None) -> list[Sequence]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+    def submit(self, prompts: Prompt | Seq[Prompt], sampling_params=None) -> list[Sequence]:
+        prompts = as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
         ids = [self.encode(p, i) for i, p in enumerate(prompts)]
         for i, (t, p) in enumerate(zip(ids, params)):                # check all before adding any
@@ -79,15 +109,24 @@ class LLM:
     def generate(self, prompts: Prompt | Seq[Prompt], sampling_params=None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order."""
-        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
-        text_prompts = [prompts] if single else list(prompts)
+        text_prompts = as_prompt_list(prompts)
         seqs = self.submit(text_prompts, sampling_params)
-        bar = tqdm(total=len(seqs), desc="requests", disable=not use_tqdm)
-        while self.engine.has_work():
-            _, finished = self.engine.step()
-            bar.update(len(finished))
-        bar.close()
+        with self._aborted_on_error(seqs), tqdm(total=len(seqs), desc="requests",
+                                                 disable=not use_tqdm) as bar:
+            while self.engine.has_work():
+                _, finished = self.engine.step()
+                bar.update(len(finished))
         return [self._output(p, s) for p, s in zip(text_prompts, seqs)]
+
+    @contextlib.contextmanager
+    def _aborted_on_error(self, seqs: list[Sequence]):
+        """An exception, Ctrl-C or an abandoned stream drops these requests, so that they do
+        not run, unreturned, in the next call."""
+        try:
+            yield
+        finally:
+            for seq in seqs:
+                self.engine.abort(seq)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
                ) -> Iterator[tuple[int | None, str]]:
@@ -100,19 +139,21 @@ class LLM:
         decoder = (self.tokenizer.stream(seq.token_ids[:seq.prompt_len])
                    if self.tokenizer is not None else None)
         seen = 0
-        while self.engine.has_work():
-            self.engine.step()
-            for token in seq.output_ids[seen:]:
-                yield token, (decoder.push(token) if decoder else f"{token} ")
-            seen = seq.num_output
+        with self._aborted_on_error([seq]):
+            while self.engine.has_work():
+                self.engine.step()
+                for token in seq.output_ids[seen:]:
+                    yield token, (decoder.push(token) if decoder else f"{token} ")
+                seen = seq.num_output
         if decoder:
             yield None, decoder.flush()
 
     def _output(self, prompt: Prompt, seq: Sequence) -> RequestOutput:
         out_ids = seq.output_ids
-        text = self.tokenizer.decode(out_ids) if self.tokenizer is not None else ""
+        prompt_ids = seq.token_ids[:seq.prompt_len]
+        text = self.tokenizer.continuation(prompt_ids, out_ids) if self.tokenizer is not None else ""
         return RequestOutput(prompt if isinstance(prompt, str) else None,
-                             seq.token_ids[:seq.prompt_len], text, out_ids, seq.finish_reason,
+                             prompt_ids, text, out_ids, seq.finish_reason,
                              seq.num_preemptions, seq.num_swaps)
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ import datetime
 import random
 import sys
 
-from .cli import add_model_flags, run_cli, write_json
+from .cli import add_model_flags, check_output_path, run_cli, write_json
 from .config import EngineConfig
 
 REPORT_RUNS = ("apex", "gpu-only", "overlap", "pipeline")
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the --report results here as JSON")
     p.add_argument("--requests", type=int, default=16, help="--report: requests per run")
     p.add_argument("--show", type=int, default=8,
-                   help="--report: print this many of apex's scheduling decisions")
+                   help="--report: print this many of apex's scheduling decisions (>= 0; 0: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     EngineConfig.add_cli_flags(p, skip=("policy", "profile_path", "seed", "cpu_fraction"))
     return p
@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--json writes the --report results; add --report")
     if args.requests < 1:
         raise ValueError(f"--requests={args.requests} must be at least 1")
+    if args.show < 0:
+        raise ValueError(f"--show={args.show} must be >= 0 (0 prints no decisions)")
+    check_output_path(args.out, "--out")
+    check_output_path(args.json, "--json")
     cfg = EngineConfig.from_cli(args)
     model, name = model_for(args.model, args.model_shape, cfg.dtype, resolve_device(cfg.device))
     progress = not args.no_progress

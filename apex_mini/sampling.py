@@ -7,6 +7,7 @@ and a preempted request that is recomputed draws the same numbers again.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -27,18 +28,32 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}={value!r} must be a number")
         if not (self.temperature >= 0.0):
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be an integer >= 0 (0 disables it)")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be an integer >= 1")
-        if self.seed is not None and not (isinstance(self.seed, int)
-                                          and -2**63 <= self.seed < 2**63):
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 disables it)")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
+        if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**63):
             raise ValueError(f"seed={self.seed!r} must be an integer in [-2**63, 2**63) "
                              "(a 64-bit signed integer) or None")
+        stops = self.stop_token_ids
+        if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
+            raise ValueError(f"stop_token_ids={stops!r} must be a list or tuple of token ids")
+        stops = tuple(stops)
+        if not all(_is_int(t) and t >= 0 for t in stops):
+            raise ValueError(f"stop_token_ids={stops!r} must hold token ids (integers >= 0)")
+        object.__setattr__(self, "stop_token_ids", stops)     # frozen: a tuple, whatever came
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:

@@ -57,6 +57,18 @@ class Scheduler:
                 f"{biggest * self.blocks[GPU].block_size}; raise --gpu-kv-blocks/--cpu-kv-blocks "
                 "or lower --max-new-tokens")
 
+    def abort(self, seq: Sequence) -> None:
+        """Drop an unfinished request: out of its queue, its KV blocks freed. A finished one is
+        left as it is."""
+        if seq.status is Status.FINISHED:
+            return
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self.blocks[seq.tier].free(seq.seq_id)
+            self.running.remove(seq)
+        seq.status, seq.tier, seq.finish_reason = Status.FINISHED, None, "abort"
+
     def usable(self, manager: BlockManager) -> bool:
         return manager is self.blocks[GPU] or self.policy.uses_host
 

@@ -19,6 +19,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import metrics, workloads
-from .cli import run_cli
+from .cli import check_output_path, run_cli
 from .config import EngineConfig, ModelConfig
 from .cost_tables import BatchShape, Profile
 from .hardware import (GPUS, HOSTS, Hardware, analytic_profile, kv_capacity_tokens, load_hardware,
@@ -105,12 +106,8 @@ class Clock:
         return t
 
 
-def simulate_policy(name: str, specs: list[workloads.RequestSpec], machine: Machine,
-                    cfg: EngineConfig, noise: float = 0.0, seed: int = 0, progress: bool = False,
-                    scheduler_time: bool = False) -> dict:
-    """Run every request through policy `name` on `machine`; returns its metrics row. With
-    `scheduler_time`, the wall time this process spends in `schedule()` and `finish()` is added
-    to the clock, as a real engine spends it between forwards."""
+def make_scheduler(name: str, machine: Machine, cfg: EngineConfig):
+    """(predictor, a fresh `Scheduler` running policy `name` on `machine`'s two tiers)."""
     from .predictor import Predictor
 
     predictor = Predictor(machine.profile, bucket_decode=cfg.bucket_decode)
@@ -119,6 +116,16 @@ def simulate_policy(name: str, specs: list[workloads.RequestSpec], machine: Mach
     sched = Scheduler(policy, BlockManager(machine.gpu_blocks, cfg.block_size, GPU),
                       BlockManager(max(1, host_blocks), cfg.block_size, CPU), cfg.max_num_seqs,
                       cfg.max_num_batched_tokens, machine.max_model_len)
+    return predictor, sched
+
+
+def simulate_policy(name: str, specs: list[workloads.RequestSpec], machine: Machine,
+                    cfg: EngineConfig, noise: float = 0.0, seed: int = 0, progress: bool = False,
+                    scheduler_time: bool = False) -> dict:
+    """Run every request through policy `name` on `machine`; returns its metrics row. With
+    `scheduler_time`, the wall time this process spends in `schedule()` and `finish()` is added
+    to the clock, as a real engine spends it between forwards."""
+    predictor, sched = make_scheduler(name, machine, cfg)
     clock, now = Clock(predictor, noise, seed), 0.0
     pending, seqs, tally = collections.deque(specs), [], metrics.IterationTally()
     bar = tqdm(total=len(specs), desc=f"simulate {name}", unit="req", disable=not progress,
@@ -187,11 +194,136 @@ def resolve_hardware(args) -> Hardware:
     else:
         hw = Hardware(GPUS[args.gpu], HOSTS[args.cpu])
     host = {k: v for k, v in (("mem_bw_gbps", args.cpu_mem_gbps), ("cores", args.cpu_cores),
-                              ("kv_memory_gb", args.cpu_kv_gb)) if v is not None}
-    gpu = {"memory_gb": args.gpu_memory_gb} if args.gpu_memory_gb is not None else {}
+                              ("kv_memory_gb", args.host_kv_gb)) if v is not None}
+    gpu = {"memory_gb": args.device_memory_gb} if args.device_memory_gb is not None else {}
     extra = {"iteration_overhead_s": args.overhead_ms / 1e3} if args.overhead_ms is not None else {}
     return dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, **gpu),
                                host=dataclasses.replace(hw.host, **host), **extra)
+
+
+# ------------------------------------------------------------------------------ input checks
+# Shared with `bench serve` (the serving tools' own flags): each raises ValueError with one line
+# naming the flag, before any long work.
+
+def policy_list(text: str, hint: str = "list each policy once") -> list[str]:
+    """--policies as a list: known names, each once (a repeat would silently run once)."""
+    names = metrics.parse_policies(text)
+    twice = list(dict.fromkeys(n for n in names if names.count(n) > 1))
+    if twice:
+        raise ValueError(f"--policies {text!r} names {', '.join(twice)} more than once; {hint}")
+    return names
+
+
+def check_input_file(path: str | None, flag: str, expected: str) -> None:
+    """`path` must be a readable file; `expected` says what it should hold."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give {expected}")
+    if not target.is_file():
+        raise ValueError(f"{flag} {path}: no such file; give {expected}")
+
+
+def read_json_arg(path: str, flag: str, expected: str):
+    """The JSON document in `path` (checked with `check_input_file`)."""
+    check_input_file(path, flag, expected)
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag} {path} is not valid JSON ({e}); give {expected}") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be read ({e.strerror}); give {expected}") from None
+
+
+PROFILE_FILE = "a profile JSON from `python -m apex_mini.profile --out FILE`"
+REPORT_FILE = "a report JSON from `python -m apex_mini.bench serve --json FILE`"
+
+
+def load_profile_arg(path: str, flag: str = "--calibrate-from") -> Profile:
+    """A measured profile, checked before the simulation runs."""
+    data = read_json_arg(path, flag, PROFILE_FILE)
+    if not isinstance(data, dict):
+        what = f"holds a JSON {type(data).__name__}"
+    elif missing := [k for k in ("key", "num_layers", "linear") if k not in data]:
+        what = f"lacks {', '.join(missing)}"
+    elif not isinstance(data["key"], dict):
+        what = "has a key that is not an object"
+    else:
+        what = None
+    if what:
+        raise ValueError(f"{flag} {path} is not a profile (it {what}); give {PROFILE_FILE}")
+    try:
+        return Profile.from_json(path)
+    except ValueError as e:
+        raise ValueError(f"{flag}: {e}") from None
+    except TypeError as e:
+        raise ValueError(f"{flag} {path} is not a profile ({e}); give {PROFILE_FILE}") from None
+
+
+def load_report_arg(path: str, policies: list[str], flag: str = "--compare-to") -> dict:
+    """A measured `bench serve` report with a throughput for at least one of `policies`."""
+    data = read_json_arg(path, flag, REPORT_FILE)
+    rows = data.get("policies") if isinstance(data, dict) else None
+    if not isinstance(rows, dict) or not all(
+            isinstance(r, dict) and isinstance(r.get("throughput_tok_s"), (int, float))
+            for r in rows.values()):
+        what = ("has no 'policies' rows with throughput_tok_s" if isinstance(data, dict)
+                else f"holds a JSON {type(data).__name__}")
+        raise ValueError(f"{flag} {path} is not a bench serve report (it {what}); give "
+                         f"{REPORT_FILE}")
+    if not set(rows) & set(policies):
+        raise ValueError(f"{flag} {path} measured {', '.join(rows) or 'no policy'}, none of "
+                         f"--policies {','.join(policies)}; run a policy it measured")
+    return data
+
+
+def check_trace_arg(args) -> None:
+    """--trace, when --workload trace reads it (otherwise make_workload says it is unused)."""
+    if args.trace and args.workload == "trace":
+        check_input_file(args.trace, "--trace", 'a JSONL file of {"arrival_s": s, "prompt_len": '
+                         'n, "output_len": n} lines')
+
+
+def check_number(value, flag: str, positive: bool, whole: bool = False) -> None:
+    """None (unset) passes; else a finite number > 0 (`positive`) or >= 0."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        bound = ">= 1" if whole and positive else "> 0" if positive else ">= 0"
+        raise ValueError(f"{flag} must be {bound}, got {value}")
+
+
+def check_flags(args) -> None:
+    """The simulator's own figures (the engine options are EngineConfig's to check)."""
+    check_number(args.cpu_mem_gbps, "--cpu-mem-gbps", positive=True)
+    check_number(args.cpu_cores, "--cpu-cores", positive=True, whole=True)
+    check_number(args.host_kv_gb, "--cpu-kv-gb", positive=True)
+    check_number(args.device_memory_gb, "--gpu-memory-gb", positive=True)
+    check_number(args.overhead_ms, "--overhead-ms", positive=False)
+    check_number(args.noise, "--noise", positive=False)
+
+
+def check_requests_fit(specs: list[workloads.RequestSpec], policies: list[str], machine: Machine,
+                       cfg: EngineConfig, hint: str) -> None:
+    """Every request's whole KV must fit one tier each policy uses (else the scheduler refuses
+    it mid-run, with the engine's hint); `hint` names this tool's flags."""
+    longest = max(specs, key=lambda s: s.total_len)
+    for name in policies:
+        _, sched = make_scheduler(name, machine, cfg)
+        if sched.policy.uses_host and machine.cpu_blocks < 1:
+            raise ValueError(f"the host tier holds no KV block ({machine.kv_bytes_per_block} "
+                             f"bytes) but policy {name} keeps KV there; raise --cpu-kv-gb, pass "
+                             "--cpu-kv-blocks, or run --policies gpu-only")
+        try:
+            sched.check_capacity(longest.prompt_len, longest.output_len, "x")
+        except ValueError:
+            tokens = min(longest.total_len, machine.max_model_len)
+            biggest = max(m.num_blocks for m in sched.blocks.values() if sched.usable(m))
+            raise ValueError(f"the longest request needs {tokens} tokens of KV cache but the "
+                             f"largest tier policy {name} uses holds "
+                             f"{biggest * cfg.block_size}; {hint}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,11 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "keys of hardware.Hardware, for --gpu custom")
     p.add_argument("--cpu", default="server-ddr4", choices=HOSTS,
                    help="host preset (default: server-ddr4)")
-    p.add_argument("--cpu-mem-gbps", type=float, help="override the host's memory bandwidth, GB/s")
-    p.add_argument("--cpu-cores", type=int, help="override the host cores running attention")
-    p.add_argument("--cpu-kv-gb", type=float, help="override host memory for the KV cache, GB")
-    p.add_argument("--gpu-memory-gb", type=float, help="override the GPU's memory, GB")
-    p.add_argument("--overhead-ms", type=float, help="override the per-iteration overhead, ms")
+    p.add_argument("--cpu-mem-gbps", type=float, help="override the host's memory bandwidth, "
+                   "GB/s (> 0)")
+    p.add_argument("--cpu-cores", type=int, help="override the host cores running attention (>= 1)")
+    # Their own dests: EngineConfig has fields of these names, which the simulator skips.
+    p.add_argument("--cpu-kv-gb", dest="host_kv_gb", metavar="CPU_KV_GB", type=float,
+                   help="override host memory for the KV cache, GB (> 0; the host policies need "
+                   "room for at least one block)")
+    p.add_argument("--gpu-memory-gb", dest="device_memory_gb", metavar="GPU_MEMORY_GB",
+                   type=float, help="override the GPU's memory, GB (> 0)")
+    p.add_argument("--overhead-ms", type=float, help="override the per-iteration overhead, ms "
+                   "(>= 0; 0: none)")
     p.add_argument("--model", help="model shape name or checkpoint folder (default: llama2-7b, or "
                    "the shape in --calibrate-from's profile)")
     p.add_argument("--dtype", dest="sim_dtype", choices=ITEMSIZE, help="weight and KV dtype "
@@ -220,23 +358,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-to", help="a `bench serve` JSON of the same workload: print and "
                    "record simulated vs measured throughput per policy")
     p.add_argument("--noise", type=float, default=0.0, help="relative std-dev of a Gaussian term "
-                   "on each iteration's time (default: 0)")
+                   "on each iteration's time (>= 0; default: 0, no noise)")
     workloads.add_cli_flags(p, default_requests=200)
     metrics.add_cli_flags(p)
     EngineConfig.add_cli_flags(p, skip=SKIPPED_FLAGS)
     return p
 
 
+CAPACITY_HINT = ("lower --length-scale, or raise --gpu-kv-blocks / --cpu-kv-blocks (or "
+                 "--gpu-memory-gb / --cpu-kv-gb)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    policies = metrics.parse_policies(args.policies)
+    # Every input is checked here, before the simulation: a bad one costs no run.
+    policies = policy_list(args.policies)
+    check_flags(args)
+    for flag in ("json", "markdown", "plot"):
+        check_output_path(getattr(args, flag), f"--{flag}")
+    if args.plot:
+        from .bench_plot import check_plot
+        check_plot()
     cfg = EngineConfig.from_cli(args)
+    check_trace_arg(args)
+    check_input_file(args.hardware, "--hardware", "a JSON or YAML hardware description")
+    measured = load_report_arg(args.compare_to, policies) if args.compare_to else None
     specs = workloads.make_workload(args.workload, args.num_requests, args.rate, args.length_scale,
                                     cfg.seed, args.trace)
     if args.calibrate_from:
-        profile = Profile.from_json(args.calibrate_from)
+        profile = load_profile_arg(args.calibrate_from)
         mc, model_name = resolve_model(args.model) if args.model else model_from_key(profile.key)
         dtype = args.sim_dtype or profile.key.get("dtype", "float16")
+        if dtype not in ITEMSIZE:
+            raise ValueError(f"--calibrate-from {args.calibrate_from} records dtype {dtype!r}; "
+                             f"pass --dtype ({', '.join(ITEMSIZE)})")
         machine = build_machine(mc, cfg, ITEMSIZE[dtype], profile=profile)
     else:
         mc, model_name = resolve_model(args.model or "llama2-7b")
@@ -244,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         machine = build_machine(mc, cfg, ITEMSIZE[dtype], hw=resolve_hardware(args),
                                 model_name=model_name)
     workloads.check_fits(specs, machine.max_model_len)
+    check_requests_fit(specs, policies, machine, cfg, CAPACITY_HINT)
     rows = {name: simulate_policy(name, specs, machine, cfg, args.noise, cfg.seed,
                                   not args.no_progress, args.scheduler_time) for name in policies}
     workload = {"name": args.workload, "rate": args.rate, "length_scale": args.length_scale,
@@ -253,12 +409,11 @@ def main(argv: list[str] | None = None) -> int:
                 "cpu_kv_blocks": machine.cpu_blocks, "block_size": cfg.block_size}
     rep = metrics.report(rows, workload, model, hardware, "apex_mini.simulate", argv,
                          simulated=True)
-    if args.compare_to:
-        measured = json.loads(Path(args.compare_to).read_text())
+    if measured is not None:
         rep["validation"] = {"measured": args.compare_to,
                              "policies": metrics.compare(rep, measured)}
     metrics.publish(rep, args, f"simulated: {hardware['name']}, {model_name}, {args.workload}")
-    if args.compare_to:
+    if measured is not None:
         print(metrics.compare_markdown(rep["validation"]["policies"]))
     return 0
 

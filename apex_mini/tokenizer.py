@@ -81,6 +81,12 @@ class Tokenizer:
     def stream(self, prompt_ids: Iterable[int] = ()) -> "StreamDecoder":
         return StreamDecoder(self, prompt_ids)
 
+    def continuation(self, prompt_ids: Iterable[int], ids: Iterable[int]) -> str:
+        """The text of `ids` as it continues the prompt (" world" after "Hello"): what
+        `stream(prompt_ids)` emits for them, in one piece."""
+        decoder = self.stream(prompt_ids)
+        return "".join(decoder.push(i) for i in ids) + decoder.flush()
+
 
 class StreamDecoder:
     """Turns generated ids, fed one at a time, into text deltas.

@@ -6,8 +6,12 @@ TinyStories), a sentencepiece tokenizer is trained on them, and a few-million-pa
 the CPU under a time budget. The result is saved in Hugging Face layout and checked against
 transformers' own LlamaForCausalLM.
 
-    python -m apex_mini.train_default_model                 # ~20 minutes on 2 CPU cores
+    python -m apex_mini.train_default_model                 # ~20 minutes on 2 CPU cores; rewrites
+                                                            # the shipped weights/apex-tiny-llama
     python -m apex_mini.train_default_model --quick --out /tmp/tiny   # under a minute, for tests
+                                                            # (--quick requires --out)
+
+Every flag is checked before any work starts: bad input is one line on stderr and exit status 2.
 
 The corpus generator is `stories.py`; this file is split by banner comments: tokenizer,
 training, checkpoint, main.
@@ -19,6 +23,8 @@ import dataclasses
 import io
 import json
 import math
+import os
+import re
 import shlex
 import sys
 import time
@@ -29,48 +35,66 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .cli import run_cli
 from .config import DEFAULT_MODEL_DIR, ModelConfig
 from .model import LlamaForCausalLM
 from .stories import build_corpus
 
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
+# The smallest vocabulary sentencepiece accepts for the full story corpus: the 3 specials, the
+# 256 byte-fallback pieces and the 58 characters `stories.py` writes (character_coverage=1.0
+# makes each one a piece). A smaller corpus may need fewer; sentencepiece's own complaint is
+# still turned into a one-line error if the generator ever writes more characters.
+MIN_VOCAB_SIZE = 3 + 256 + 58
+# What a run writes into --out (the files it may overwrite).
+OUT_FILES = ("config.json", "generation_config.json", "tokenizer.model", "model.safetensors",
+             "README.md")
 
 
 # ============================================================================ options
 
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _opt(default, help: str, choices: tuple[str, ...] | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainOptions:
     """Every option of this script; the command-line flags are generated from these fields."""
 
-    out: str = _opt(DEFAULT_MODEL_DIR, "output folder for the Hugging Face checkpoint")
+    out: str = _opt(DEFAULT_MODEL_DIR, "output folder for the Hugging Face checkpoint. A full run "
+                    "writes the shipped model folder by default (retraining the shipped model is "
+                    "its purpose); --quick requires an explicit --out, so that it can never "
+                    "overwrite the shipped model")
     minutes: float = _opt(20.0, "wall-clock budget for the training loop, in minutes")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: only the time budget)")
-    quick: bool = _opt(False, "tiny corpus, tiny model, a few seconds of training: for tests")
+    quick: bool = _opt(False, "tiny corpus, tiny model, a few seconds of training, for tests: "
+                       "every size and step flag not given takes a small value; requires --out")
     seed: int = _opt(0, "seed for the corpus, the initial weights and the batch order")
     num_stories: int = _opt(40000, "stories to generate (about 550 characters each)")
     val_fraction: float = _opt(0.02, "share of stories held out for validation")
-    vocab_size: int = _opt(2048, "sentencepiece vocabulary size, bytes and specials included")
-    hidden_size: int = _opt(256, "model width")
+    vocab_size: int = _opt(2048, "sentencepiece vocabulary size, bytes and specials included "
+                           f"(at least {MIN_VOCAB_SIZE})")
+    hidden_size: int = _opt(256, "model width (a multiple of --num-attention-heads, with an even "
+                            "quotient: the head size)")
     intermediate_size: int = _opt(688, "SwiGLU hidden width")
     num_hidden_layers: int = _opt(4, "decoder layers")
     num_attention_heads: int = _opt(8, "query heads")
-    num_key_value_heads: int = _opt(4, "key/value heads (fewer than query heads: grouped-query)")
+    num_key_value_heads: int = _opt(4, "key/value heads (fewer than query heads: grouped-query; "
+                                    "must divide --num-attention-heads)")
     max_position_embeddings: int = _opt(1024, "longest sequence the saved config allows, in tokens")
-    seq_len: int = _opt(256, "training sequence length, in tokens")
+    seq_len: int = _opt(256, "training sequence length, in tokens (at most "
+                        "--max-position-embeddings)")
     batch_size: int = _opt(8, "sequences per optimizer step")
     lr: float = _opt(3e-3, "peak learning rate")
     min_lr_ratio: float = _opt(0.1, "final learning rate as a fraction of the peak")
-    warmup_steps: int = _opt(50, "linear warm-up steps")
+    warmup_steps: int = _opt(50, "linear warm-up steps (0: none)")
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
     grad_clip: float = _opt(1.0, "clip the gradient norm to this value")
     amp: str = _opt("auto", "bfloat16 autocast while training: auto (when the CPU has native "
-                    "bf16), on, off")
+                    "bf16), on, off", choices=("auto", "on", "off"))
     save_dtype: str = _opt("auto", "dtype of the saved weights: auto (float32 if the checkpoint "
-                           "fits --max-mb, else bfloat16), float32, bfloat16")
+                           "fits --max-mb, else bfloat16), float32, bfloat16",
+                           choices=("auto", "float32", "bfloat16"))
     max_mb: float = _opt(20.0, "size cap for model.safetensors plus tokenizer.model, in MB")
     eval_every: int = _opt(200, "steps between progress evaluations on a slice of the validation set")
     threads: int = _opt(2, "torch CPU threads")
@@ -78,7 +102,10 @@ class TrainOptions:
     @classmethod
     def parser(cls, given_only: bool = False) -> argparse.ArgumentParser:
         """One flag per field. given_only: parse to the flags actually typed, no defaults."""
-        p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+        # A short usage line: argparse repeats it above each of its own errors (a bad --amp).
+        p = argparse.ArgumentParser(prog="python -m apex_mini.train_default_model",
+                                    usage="%(prog)s [options]   (--help lists them)",
+                                    description=__doc__.split("\n\n")[0],
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
@@ -87,7 +114,8 @@ class TrainOptions:
                 p.add_argument(flag, action="store_true", default=default, help=f.metadata["help"])
             else:
                 kind = {"int": int, "float": float}.get(str(f.type), str)
-                p.add_argument(flag, type=kind, default=default, help=f.metadata["help"])
+                p.add_argument(flag, type=kind, default=default, choices=f.metadata["choices"],
+                               help=f.metadata["help"])
         return p
 
     def with_quick_defaults(self, explicit: set[str]) -> "TrainOptions":
@@ -97,6 +125,88 @@ class TrainOptions:
                      num_key_value_heads=2, seq_len=128, batch_size=8, warmup_steps=10,
                      eval_every=20, max_steps=40)
         return dataclasses.replace(self, **{k: v for k, v in quick.items() if k not in explicit})
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the flag, for any value that would fail later in the run."""
+        def bad(name: str, need: str) -> ValueError:
+            flag = "--" + name.replace("_", "-")
+            return ValueError(f"{flag} {getattr(self, name)} {need}")
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(f.name, "must be a finite number")
+        at_least = dict(num_stories=2, vocab_size=MIN_VOCAB_SIZE, hidden_size=2, intermediate_size=1,
+                        num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                        max_position_embeddings=1, seq_len=1, batch_size=1, eval_every=1,
+                        threads=1, max_steps=0, warmup_steps=0, seed=0)
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise bad(name, f"must be at least {low}")
+        if self.seed >= 2 ** 63:
+            raise bad("seed", "must be below 2**63")
+        for name in ("minutes", "lr", "grad_clip", "max_mb"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be greater than 0")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be at least 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise bad("min_lr_ratio", "must be between 0 and 1")
+        if not 0 < self.val_fraction < 1:
+            raise bad("val_fraction", "must be between 0 and 1 (exclusive), e.g. 0.02")
+        n_val = max(1, round(self.num_stories * self.val_fraction))    # as stories.build_corpus
+        if self.num_stories - n_val < 1:
+            raise bad("num_stories", f"with --val-fraction {self.val_fraction} leaves no training "
+                                     "stories; raise --num-stories or lower --val-fraction")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise bad("num_key_value_heads", "must divide --num-attention-heads "
+                                             f"{self.num_attention_heads}")
+        if self.hidden_size % self.num_attention_heads:
+            raise bad("hidden_size", "must be a multiple of --num-attention-heads "
+                                     f"{self.num_attention_heads}")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise bad("hidden_size", f"/ --num-attention-heads {self.num_attention_heads} = "
+                                     f"{self.hidden_size // self.num_attention_heads} must be even "
+                                     "(the head size, split in pairs by RoPE)")
+        if self.seq_len > self.max_position_embeddings:
+            raise bad("seq_len", "must be at most --max-position-embeddings "
+                                 f"{self.max_position_embeddings}")
+
+
+def check_out_folder(path: str) -> None:
+    """Raise ValueError now, before the run, if the checkpoint folder `path` (made as needed)
+    could not be written at the end."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path} is a file; give a folder")
+    folder = out
+    while not folder.exists():                        # the nearest folder that exists
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {path}: {folder} is a file, not a folder; give another path")
+    unwritable = not os.access(folder, os.W_OK | os.X_OK) or any(
+        (out / name).exists() and not os.access(out / name, os.W_OK) for name in OUT_FILES)
+    if unwritable:
+        raise ValueError(f"--out {path} cannot be written (permission denied); give another folder")
+
+
+def parse_options(argv: list[str]) -> TrainOptions:
+    """The options of `argv`, --quick applied, every value checked (ValueError naming the flag)."""
+    opts = TrainOptions(**vars(TrainOptions.parser().parse_args(argv)))
+    explicit = set(vars(TrainOptions.parser(given_only=True).parse_args(argv)))
+    if opts.quick:
+        if "out" not in explicit:
+            raise ValueError("--quick needs --out DIR (a scratch folder): without it the run would "
+                             f"overwrite the shipped model in {DEFAULT_MODEL_DIR}")
+        opts = opts.with_quick_defaults(explicit)
+    try:
+        opts.validate()
+    except ValueError as e:
+        if not opts.quick:
+            raise
+        raise ValueError(f"{e} (--quick gives small values to the flags not given)") from None
+    check_out_folder(opts.out)
+    return opts
 
 
 # ============================================================================ tokenizer
@@ -117,6 +227,19 @@ def train_tokenizer(stories: list[str], vocab_size: int) -> bytes:
         unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
         num_threads=2, minloglevel=2)
     return model.getvalue()
+
+
+def tokenizer_error(e: RuntimeError, vocab_size: int, num_train: int) -> ValueError | RuntimeError:
+    """sentencepiece's complaint about the vocabulary size, as a one-line error naming the flag."""
+    text = str(e)
+    if m := re.search(r"Please set it to a value <= (\d+)", text):
+        return ValueError(f"--vocab-size {vocab_size} is too large for {num_train} training stories: "
+                          f"their text yields at most {m.group(1)} pieces; lower --vocab-size or "
+                          "raise --num-stories")
+    if m := re.search(r"smaller than required_chars\. \d+ vs (\d+)", text):
+        return ValueError(f"--vocab-size {vocab_size} is too small: this corpus needs at least "
+                          f"{m.group(1)} (3 specials, 256 bytes and each character)")
+    return e
 
 
 def encode_documents(sp, stories: list[str]) -> list[list[int]]:
@@ -182,7 +305,7 @@ def evaluate(model: LlamaForCausalLM, docs: list[list[int]], batch_size: int = 1
 def lr_at(opts: TrainOptions, step: int, progress: float) -> float:
     """Linear warm-up over steps, then a cosine over the run's progress (0..1): the schedule is
     tied to the clock, so it ends at the budget however fast this machine is."""
-    warm = min(1.0, (step + 1) / opts.warmup_steps)
+    warm = min(1.0, (step + 1) / max(1, opts.warmup_steps))
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return opts.lr * warm * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * cosine)
 
@@ -345,13 +468,19 @@ Greedy samples:
 PROMPTS = ("Once upon a time", "One day, a little", "Lily and Ben went to the park.")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 when the model is saved; bad input is one line and status 2."""
     argv = sys.argv[1:] if argv is None else argv
-    opts = TrainOptions(**vars(TrainOptions.parser().parse_args(argv)))
-    if opts.quick:
-        opts = opts.with_quick_defaults(set(vars(TrainOptions.parser(given_only=True).parse_args(argv))))
-    if opts.amp not in ("auto", "on", "off") or opts.save_dtype not in ("auto", "float32", "bfloat16"):
-        raise SystemExit("--amp takes auto|on|off and --save-dtype auto|float32|bfloat16")
+
+    def run() -> int:
+        train_default_model(parse_options(argv), argv)
+        return 0
+    return run_cli(run)
+
+
+def train_default_model(opts: TrainOptions, argv: list[str]) -> dict:
+    """Build the corpus, train the tokenizer and the model, save and check them (`opts` as
+    `parse_options` returns them; `argv` is recorded in the model card). Returns the report."""
     import platform
 
     import sentencepiece as spm
@@ -365,12 +494,19 @@ def main(argv: list[str] | None = None) -> dict:
     train_mb = sum(len(s) for s in train_stories) / 1e6
     print(f"corpus: {len(train_stories)} training stories ({train_mb:.1f} MB), "
           f"{len(val_stories)} held out")
-    sp_model = train_tokenizer(train_stories, opts.vocab_size)
+    try:
+        sp_model = train_tokenizer(train_stories, opts.vocab_size)
+    except RuntimeError as e:
+        raise tokenizer_error(e, opts.vocab_size, len(train_stories)) from None
     sp = spm.SentencePieceProcessor(model_proto=sp_model)
     train_docs, val_docs = encode_documents(sp, train_stories), encode_documents(sp, val_stories)
     train_tokens = sum(len(d) for d in train_docs)
     print(f"tokenizer: {sp.vocab_size()} pieces; {train_tokens / 1e6:.2f} M training tokens "
           f"({train_mb * 1e6 / train_tokens:.2f} chars/token)")
+    batches = DocumentBatches(train_docs, opts.seq_len, opts.batch_size, opts.seed)
+    if len(batches.starts) == 0:
+        raise ValueError(f"--seq-len {opts.seq_len} is longer than the whole training corpus "
+                         f"({train_tokens} tokens); lower --seq-len or raise --num-stories")
 
     cfg = ModelConfig(
         vocab_size=sp.vocab_size(), hidden_size=opts.hidden_size,
@@ -385,7 +521,6 @@ def main(argv: list[str] | None = None) -> dict:
     use_amp = opts.amp == "on" or (opts.amp == "auto" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     print(f"model: {params / 1e6:.2f} M parameters; bf16 autocast {'on' if use_amp else 'off'}")
 
-    batches = DocumentBatches(train_docs, opts.seq_len, opts.batch_size, opts.seed)
     stats = train(model, batches, val_docs, opts, use_amp)
     nll, val_tokens = evaluate(model, val_docs)
     ppl = math.exp(nll)
@@ -429,4 +564,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from apex_mini import LLM, SamplingParams
 from apex_mini.cli import run_cli
 from apex_mini.generate import main
 
@@ -48,10 +49,20 @@ def test_several_prompts_from_file(mha_ckpt, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("one\ntwo\n\nthree\n")
     code, out, err = generate(["--model", str(mha_ckpt), "--device", "cpu", "--prompts-file",
-                               str(prompts), "--max-new-tokens", "3", "--ignore-eos"], capsys)
+                               str(prompts), "--max-new-tokens", "3", "--ignore-eos",
+                               "--temperature", "0"], capsys)
     assert code == 0
     assert out.count("--- ") == 3
     assert "9 tokens in" in err
+    # Each line is prompt + output, the output continuing the prompt (its leading space kept),
+    # as prompt and decoded tokens read together.
+    llm = LLM(mha_ckpt, device="cpu")
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    lines = [line[len("--- "):] for line in out.split("\n") if line.startswith("--- ")]
+    for prompt, line in zip(("one", "two", "three"), lines):
+        (o,) = llm.generate(prompt, params)
+        assert line == prompt + o.text == llm.tokenizer.decode(o.prompt_token_ids + o.token_ids)
+    llm.close()
 
 
 @pytest.fixture
@@ -70,6 +81,12 @@ def broken(tmp_path, mha_ckpt):
             config["architectures"] = ["GPT2LMHeadModel"]
         elif how == "shapes":
             config["intermediate_size"] += 8
+        elif how == "field-type":
+            config["hidden_size"] = str(config["hidden_size"])
+        elif how == "heads":
+            config["num_key_value_heads"] = 3
+        elif how == "json-list":
+            config = list(config)
         (path / "config.json").write_text(json.dumps(config))
         return str(path)
     return make
@@ -84,19 +101,29 @@ def broken(tmp_path, mha_ckpt):
     ("long-prompt", "context"),
     ("empty-prompt", "empty"),
     ("temperature", "temperature"),
-    ("top-p", "top_p"),
-    ("top-k", "top_k"),
-    ("max-new-tokens", "max_tokens"),
+    ("field-type", "must be a positive integer"),
+    ("heads", "not a multiple of num_key_value_heads=3"),
+    ("json-list", "holds a JSON list"),
+    ("model-file", "is a file; pass --model the folder"),
+    ("top-p", "--top-p"),
+    ("top-k", "--top-k"),
+    ("max-new-tokens", "--max-new-tokens 0 must be"),
     ("cpu-fraction", "cpu_fraction"),
     ("prompts-file", "not found"),
+    ("prompts-folder", "cannot be read"),
+    ("prompts-not-utf8", "is not UTF-8 text"),
+    ("seed", "--seed"),
 ])
 def test_bad_input_is_one_line_and_exit_2(case, words, broken, mha_ckpt, tmp_path, capsys):
     model = str(mha_ckpt)
     extra = []
     if case == "missing":
         model = str(tmp_path / "nowhere")
-    elif case in ("truncated", "corrupt", "architecture", "shapes"):
+    elif case in ("truncated", "corrupt", "architecture", "shapes", "field-type", "heads",
+                  "json-list"):
         model = broken(case)
+    elif case == "model-file":
+        model = str(mha_ckpt / "config.json")
     elif case == "long-prompt":
         extra = ["--prompt", " ".join(["word"] * 400)]
     elif case == "empty-prompt":
@@ -113,8 +140,16 @@ def test_bad_input_is_one_line_and_exit_2(case, words, broken, mha_ckpt, tmp_pat
         extra = ["--policy", "static", "--cpu-fraction", "1.5"]
     elif case == "prompts-file":
         extra = ["--prompts-file", str(tmp_path / "none.txt")]
+    elif case == "prompts-folder":
+        extra = ["--prompts-file", str(tmp_path)]
+    elif case == "prompts-not-utf8":
+        (tmp_path / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+        extra = ["--prompts-file", str(tmp_path / "latin1.txt")]
+    elif case == "seed":
+        extra = ["--seed", str(2**64)]
     code, out, err = generate(["--model", model, "--device", "cpu", *extra], capsys)
     assert code == 2
+    assert out == ""                          # nothing printed before the error (the prompt)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert words in lines[0]

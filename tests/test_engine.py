@@ -2,9 +2,13 @@
 preemption and chunked prefill, on tiny checkpoints in fp32."""
 from __future__ import annotations
 
+import re
+
 import pytest
+import torch
 
 from apex_mini import LLM, SamplingParams
+from apex_mini.config import EngineConfig
 from conftest import mixed_prompts, run_greedy
 from apex_mini.plan import Strategy
 from apex_mini.policies import StaticPolicy
@@ -192,3 +196,83 @@ def test_host_engine_compiles_its_host_kernel_when_built(gqa_llama3_ckpt, monkey
     llm.close()
     assert counters["stats"]["unique_graphs"] == graphs
     assert {1, 2, 3} <= host_rows and tokens == expected
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(block_size="16"), "block_size='16' must be an integer"),
+    (dict(block_size=1.5), "block_size=1.5 must be an integer"),
+    (dict(gpu_kv_blocks=True), "gpu_kv_blocks=True must be an integer"),
+    (dict(cpu_fraction="0.5"), "cpu_fraction='0.5' must be a finite number"),
+    (dict(latency_margin=float("nan")), "latency_margin=nan must be a finite number"),
+    (dict(gpu_memory_gb=0), "gpu_memory_gb=0 must be > 0"),
+    (dict(max_model_len=-5), "max_model_len=-5 must be > 0"),
+    (dict(cuda_graphs="no"), "cuda_graphs='no' must be True or False"),
+    (dict(profile_path=5), "profile_path=5 must be a string"),
+    (dict(device="tpu"), "device='tpu' is not one of auto, cpu, cuda, cuda:N"),
+])
+def test_engine_options_of_the_wrong_kind_are_value_errors(options, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        EngineConfig(**options)
+
+
+def test_engine_options_accept_what_they_mean():
+    from pathlib import Path
+    cfg = EngineConfig(device="cuda:1", cpu_kv_gb=2, gpu_memory_gb=15, profile_path=Path("p.json"))
+    assert (cfg.device, cfg.cpu_kv_gb, cfg.profile_path) == ("cuda:1", 2, "p.json")
+
+
+@pytest.mark.parametrize("prompts, params, words", [
+    (None, GREEDY, "prompts must be text, a list of token ids, or a list of those; got NoneType"),
+    (5, GREEDY, "got int"),
+    (b"hello", GREEDY, "got bytes"),
+    (["a", None], GREEDY, "prompt 1 is NoneType"),
+    ("a", "greedy", "sampling_params must be a SamplingParams or a list of them"),
+    ("a", {"temperature": 0}, "sampling_params must be a SamplingParams"),
+    (["a"], [None], "sampling_params must be a SamplingParams"),
+])
+def test_prompts_and_params_of_the_wrong_kind_are_value_errors(mha_ckpt, prompts, params, words):
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        llm.generate(prompts, params)
+    assert not llm.engine.has_work()
+    llm.close()
+
+
+def test_token_ids_may_come_as_tensors_or_numpy_ints(mha_ckpt):
+    np = pytest.importorskip("numpy")
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32")
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    expected = llm.generate([[1, 5, 6]], params)[0].token_ids
+    for prompt in (torch.tensor([1, 5, 6]), torch.tensor([[1, 5, 6]]), np.array([1, 5, 6]),
+                   [np.int64(1), np.int64(5), np.int64(6)], (1, 5, 6)):
+        assert llm.generate(prompt, params)[0].token_ids == expected
+    llm.close()
+
+
+def test_a_failed_call_or_an_abandoned_stream_leaves_nothing_behind(mha_ckpt, monkeypatch):
+    """An exception in the middle of generate() (here: the third iteration), or a stream its
+    caller stops reading, drops its requests and frees their blocks: the next call runs alone
+    and gives the tokens it gives on a fresh engine."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32")
+    expected = llm.generate([[1, 7, 8]], params)[0].token_ids
+    execute, calls = llm.engine.runner.execute, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return execute(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine.runner, "execute", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate([[1, 5, 6], [1, 9]], params)
+    monkeypatch.setattr(llm.engine.runner, "execute", execute)
+    stream = llm.stream([1, 5, 6], params)
+    next(stream), next(stream)
+    stream.close()
+    engine = llm.engine
+    assert not engine.has_work() and engine.gpu_blocks.num_free == engine.gpu_blocks.num_blocks
+    engine.scheduler.check_integrity()
+    assert llm.generate([[1, 7, 8]], params)[0].token_ids == expected
+    llm.close()

@@ -37,6 +37,10 @@ def random_logits(n: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torc
     ("top_k", -1), ("top_k", 2.5),
     ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", 4.0),
     ("seed", "7"), ("seed", 1.5), ("seed", 2**63), ("seed", -2**63 - 1),
+    ("temperature", "0.5"), ("temperature", None), ("top_p", "1"), ("top_k", True),
+    ("max_tokens", True), ("max_tokens", "5"),
+    ("stop_token_ids", 5), ("stop_token_ids", "ab"), ("stop_token_ids", ("a",)),
+    ("stop_token_ids", (-1,)),
 ])
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -47,6 +51,7 @@ def test_boundary_params_are_valid():
     SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=1, seed=None)
     SamplingParams(temperature=5.0, top_p=1e-9, top_k=1, seed=0)
     SamplingParams(seed=2**62, stop_token_ids=(2, 3))
+    assert SamplingParams(stop_token_ids=[2, 3]).stop_token_ids == (2, 3)   # kept as a tuple
     for seed in (2**63 - 1, -2**63):                 # the int64 ends: the sampler's seed tensor
         SamplingParams(seed=seed)
         logits = random_logits(1, 50)

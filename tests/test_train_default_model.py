@@ -1,5 +1,6 @@
 """The default-model training script, end to end in its --quick mode (a tiny corpus, model and
-step count), run once as a subprocess exactly as a user would run it."""
+step count), run once as a subprocess exactly as a user would run it; and its bad input: one line
+on stderr, exit status 2, no traceback, before any work."""
 from __future__ import annotations
 
 import json
@@ -79,3 +80,145 @@ def test_reports_perplexity_and_parity(quick_run):
     parity = re.search(r"max \|logit difference\| ([0-9.e+-]+)", stdout)
     if parity:   # absent only when transformers is not installed
         assert float(parity.group(1)) < 1e-4
+
+
+# ------------------------------------------------------------------------------- bad input
+
+def no_work(*args, **kwargs):
+    raise AssertionError("the run started before its options were checked")
+
+
+@pytest.fixture
+def train_cli(monkeypatch, capsys):
+    """Run the CLI in this process, failing if it gets as far as building the corpus; torch's
+    thread count and RNG are left as they were."""
+    from apex_mini import train_default_model as tdm
+
+    monkeypatch.setattr(tdm, "build_corpus", no_work)
+    monkeypatch.setattr(tdm, "train_tokenizer", no_work)
+
+    def run(argv):
+        threads = torch.get_num_threads()
+        with torch.random.fork_rng():
+            code = tdm.main(argv)
+        torch.set_num_threads(threads)
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--threads", "0"), ("--threads", "-1"),
+    ("--num-attention-heads", "0"),
+    ("--num-key-value-heads", "0"), ("--num-key-value-heads", "3"),     # 8 query heads
+    ("--hidden-size", "0"), ("--hidden-size", "65"),                     # not a multiple of 8 heads
+    ("--hidden-size", "72"),                                             # head size 9: odd, no RoPE
+    ("--intermediate-size", "0"), ("--num-hidden-layers", "0"),
+    ("--num-stories", "0"), ("--num-stories", "1"),
+    ("--val-fraction", "2"), ("--val-fraction", "0"), ("--val-fraction", "1"),
+    ("--val-fraction", "-0.5"), ("--val-fraction", "nan"),
+    ("--vocab-size", "10"), ("--vocab-size", "300"),
+    ("--seq-len", "0"), ("--seq-len", "2048"),                           # > max positions 1024
+    ("--max-position-embeddings", "0"), ("--batch-size", "0"),
+    ("--minutes", "0"), ("--minutes", "-1"), ("--minutes", "inf"),
+    ("--max-steps", "-1"), ("--seed", "-1"),
+    ("--lr", "0"), ("--lr", "nan"), ("--min-lr-ratio", "1.5"), ("--min-lr-ratio", "-0.1"),
+    ("--warmup-steps", "-1"), ("--weight-decay", "-0.1"), ("--grad-clip", "0"),
+    ("--max-mb", "0"), ("--eval-every", "0"),
+])
+def test_bad_flag_is_one_line_and_exit_2(flag, value, train_cli, tmp_path):
+    code, out, err = train_cli(["--out", str(tmp_path / "model"), flag, value])
+    assert code == 2
+    assert one_error_line(err).startswith(f"error: {flag} "), err
+    assert out == ""
+    assert not (tmp_path / "model").exists()
+
+
+def test_quick_checks_its_own_small_values(train_cli, tmp_path):
+    """--quick gives 4 query and 2 key/value heads: 3 query heads do not fit them."""
+    code, _, err = train_cli(["--quick", "--out", str(tmp_path / "m"), "--num-attention-heads", "3"])
+    assert code == 2
+    line = one_error_line(err)
+    assert "--num-key-value-heads 2" in line and "--quick" in line
+
+
+def test_few_stories_are_not_an_error_by_themselves(train_cli, tmp_path):
+    """The checks pass a small valid run: it gets as far as building the corpus."""
+    with pytest.raises(AssertionError, match="started before"):
+        train_cli(["--quick", "--out", str(tmp_path / "m"), "--num-stories", "2",
+                   "--val-fraction", "0.5", "--warmup-steps", "0"])
+
+
+@pytest.mark.parametrize("case", ["file", "under-a-file"])
+def test_out_must_be_a_writable_folder(case, train_cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker if case == "file" else blocker / "model"
+    code, _, err = train_cli(["--out", str(out)])
+    assert code == 2
+    assert one_error_line(err).startswith(f"error: --out {out}"), err
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("flag, value", [("--amp", "yes"), ("--save-dtype", "float16")])
+def test_amp_and_save_dtype_are_choices(flag, value, train_cli, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_cli([flag, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2   # argparse: usage + error
+    assert f"argument {flag}: invalid choice: '{value}'" in err
+
+
+def test_vocab_too_large_for_the_corpus_is_one_line(monkeypatch, tmp_path, capsys):
+    """Only sentencepiece knows how many pieces a corpus yields: its complaint, a second into
+    the run, still becomes one line naming the flag."""
+    from apex_mini import train_default_model as tdm
+
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():
+        code = tdm.main(["--quick", "--out", str(tmp_path / "m"), "--num-stories", "3",
+                         "--vocab-size", "5000", "--threads", str(threads)])
+    torch.set_num_threads(threads)
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("error: --vocab-size 5000 is too large") and "--num-stories" in line
+    assert not (tmp_path / "m").exists()
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_quick_without_out_leaves_the_shipped_model_alone():
+    from apex_mini.config import DEFAULT_MODEL_DIR
+
+    weights = Path(DEFAULT_MODEL_DIR).parent
+    before = snapshot(weights)
+    proc = subprocess.run([sys.executable, "-m", "apex_mini.train_default_model", "--quick"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = one_error_line(proc.stderr)
+    assert "--quick needs --out" in line
+    assert proc.stdout == ""
+    assert snapshot(weights) == before
+
+
+def test_help_names_the_command_and_the_out_default():
+    proc = subprocess.run([sys.executable, "-m", "apex_mini.train_default_model", "--help"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: python -m apex_mini.train_default_model")
+    help_text = " ".join(proc.stdout.split())
+    assert "writes the shipped model folder by default" in help_text
+    assert "--quick requires an explicit --out" in help_text
+    for flag in ("--amp {auto,on,off}", "--save-dtype {auto,float32,bfloat16}"):
+        assert flag in help_text
