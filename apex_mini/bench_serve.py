@@ -33,7 +33,6 @@ from .cli import add_model_flags, check_output_path, run_cli
 from .config import EngineConfig
 from .engine import Engine
 from .sampling import SamplingParams
-from .sequence import GPU
 from .simulate import check_trace_arg, policy_list
 from .weights import model_for, resolve_device
 
@@ -129,15 +128,10 @@ CAPACITY_HINT = "lower --length-scale, or raise --gpu-kv-blocks / --cpu-kv-block
 def check_capacity(engine: Engine, specs) -> None:
     """Every request's KV must fit a tier this engine's policy uses: checked before it runs,
     naming this tool's flags (the engine's own check would name --max-new-tokens)."""
-    sched, longest = engine.scheduler, max(specs, key=lambda s: s.total_len)
-    try:
-        sched.check_capacity(longest.prompt_len, longest.output_len, "x")
-    except ValueError:
-        tokens = min(longest.total_len, engine.max_model_len)
-        biggest = max(m.num_blocks for m in sched.blocks.values() if sched.usable(m))
-        raise ValueError(f"the longest request needs {tokens} tokens of KV cache but the largest "
-                         f"tier policy {engine.policy_name} uses holds "
-                         f"{biggest * sched.blocks[GPU].block_size}; {CAPACITY_HINT}") from None
+    longest = max(specs, key=lambda s: s.total_len)
+    engine.scheduler.check_capacity(longest.prompt_len, longest.output_len,
+                                    f"the longest request (policy {engine.policy_name})",
+                                    CAPACITY_HINT)
 
 
 def serve(args, argv) -> int:

@@ -46,16 +46,18 @@ class Scheduler:
         self.check_capacity(seq.num_tokens, seq.params.max_tokens, f"request {seq.seq_id}")
         self.waiting.append(seq)
 
-    def check_capacity(self, prompt_len: int, max_tokens: int, what: str) -> None:
+    def check_capacity(self, prompt_len: int, max_tokens: int, what: str,
+                       hint: str = "raise --gpu-kv-blocks/--cpu-kv-blocks or lower "
+                                   "--max-new-tokens") -> None:
         """Raise ValueError unless a request's whole KV (prompt plus output, up to the model's
-        context) fits in one tier this policy uses: else it could never run."""
+        context) fits in one tier this policy uses: else it could never run. `hint`: what to
+        change, in the caller's own words (a tool's flags)."""
         need = prompt_len + max_tokens
         biggest = max(m.num_blocks for m in self.blocks.values() if self.usable(m))
         if self.blocks[GPU].blocks_needed(min(need, self.max_model_len)) > biggest:
             raise ValueError(
                 f"{what} needs {need} tokens of KV cache but the largest tier holds "
-                f"{biggest * self.blocks[GPU].block_size}; raise --gpu-kv-blocks/--cpu-kv-blocks "
-                "or lower --max-new-tokens")
+                f"{biggest * self.blocks[GPU].block_size}; {hint}")
 
     def abort(self, seq: Sequence) -> None:
         """Drop an unfinished request: out of its queue, its KV blocks freed. A finished one is

@@ -316,14 +316,8 @@ def check_requests_fit(specs: list[workloads.RequestSpec], policies: list[str], 
             raise ValueError(f"the host tier holds no KV block ({machine.kv_bytes_per_block} "
                              f"bytes) but policy {name} keeps KV there; raise --cpu-kv-gb, pass "
                              "--cpu-kv-blocks, or run --policies gpu-only")
-        try:
-            sched.check_capacity(longest.prompt_len, longest.output_len, "x")
-        except ValueError:
-            tokens = min(longest.total_len, machine.max_model_len)
-            biggest = max(m.num_blocks for m in sched.blocks.values() if sched.usable(m))
-            raise ValueError(f"the longest request needs {tokens} tokens of KV cache but the "
-                             f"largest tier policy {name} uses holds "
-                             f"{biggest * cfg.block_size}; {hint}") from None
+        sched.check_capacity(longest.prompt_len, longest.output_len,
+                             f"the longest request (policy {name})", hint)
 
 
 def build_parser() -> argparse.ArgumentParser:
