@@ -227,8 +227,11 @@ class EngineConfig:
                                      "recent measured iterations (apex, neo)")
     max_records: int = _flag(100_000, "iteration records the engine keeps for reports; when "
                              "full, the older half is dropped (memory stays bounded)")
-    profile_path: str | None = _flag(None, "profile JSON for the predictor (default: a cached "
-                                     "profile for this model and machine)")
+    profile_path: str | None = _flag(None, "profile JSON for the predictor: used if it was "
+                                     "measured for this model, machine and options (else an "
+                                     "error: it is never overwritten), measured and saved there "
+                                     "if it does not exist (default: a cached profile for this "
+                                     "model and machine, measured again when stale)")
     seed: int = _flag(0, "seed for requests that give none")
 
     def __post_init__(self) -> None:

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from . import attention as dev_attn
+from .cli import check_output_path
 from .cost_tables import PROFILE_VERSION, BatchShape, Profile
 from .kv_cache import KVPool, copy_blocks
 from .metrics import host_cpu_name
@@ -120,8 +121,10 @@ def load_profile(path: str | Path, key: dict) -> tuple[Profile | None, str]:
         return None, f"no profile at {path}"
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, f"profile {path} is unreadable ({e})"
+    if not isinstance(data, dict):
+        return None, f"profile {path} holds a JSON {type(data).__name__}, not a profile"
     if data.get("version") != PROFILE_VERSION:
         return None, f"profile {path} has version {data.get('version')}, expected {PROFILE_VERSION}"
     if data.get("key") != key:
@@ -489,9 +492,15 @@ def predictor_for_engine(engine, grid: Grid = QUICK, progress: bool = True) -> P
     """The engine's predictor: the cached profile for this model and machine if it is current,
     else a fresh one (measured now and saved)."""
     key = engine_key(engine)
-    path = Path(engine.cfg.profile_path) if engine.cfg.profile_path else cache_path(key)
+    given = engine.cfg.profile_path
+    path = Path(given) if given else cache_path(key)
     profile, why = load_profile(path, key)
+    if profile is None and given and path.exists():
+        # A file the user named is theirs: never replaced behind their back.
+        raise ValueError(f"--profile-path: {why}; delete it or name another file (a new "
+                         "profile is then measured and saved there)")
     if profile is None:
+        check_output_path(str(path), "--profile-path")     # before minutes of profiling
         if progress:
             print(f"{why}; profiling this machine (once)", file=sys.stderr)
         profile = profile_engine(engine, grid, progress)

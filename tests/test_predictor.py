@@ -49,16 +49,20 @@ def test_profile_json_round_trip(tmp_path):
 
 
 def fake_engine(path, dtype=torch.float32, **options):
-    cfg = EngineConfig(device="cpu", profile_path=str(path), **options)
+    cfg = EngineConfig(device="cpu", profile_path=str(path) if path else None, **options)
     return types.SimpleNamespace(cfg=cfg, model_config=MODEL_SHAPES["tiny"], dtype=dtype,
                                  device=torch.device("cpu"))
 
 
-@pytest.mark.parametrize("damage", ["missing", "version", "key", "garbage", "unknown-field",
-                                    "current"])
-def test_stale_or_mismatched_profile_is_measured_again(tmp_path, monkeypatch, damage):
+DAMAGES = ["version", "key", "garbage", "json-list", "unknown-field"]
+
+
+@pytest.mark.parametrize("damage", ["missing", *DAMAGES, "current"])
+def test_stale_or_mismatched_cached_profile_is_measured_again(tmp_path, monkeypatch, damage):
+    """The default profile is a cache: a stale one is measured again and replaced."""
     path = tmp_path / "profile.json"
-    engine = fake_engine(path)
+    monkeypatch.setattr(profiler, "cache_path", lambda key: path)
+    engine = fake_engine(None)
     key = profiler.engine_key(engine)
     stored = sample_profile(key=dict(key))
     if damage != "missing":
@@ -71,6 +75,8 @@ def test_stale_or_mismatched_profile_is_measured_again(tmp_path, monkeypatch, da
         sample_profile(key=other).to_json(path)
     elif damage == "garbage":
         path.write_text("{not json")
+    elif damage == "json-list":
+        path.write_text("[1, 2]")
     elif damage == "unknown-field":                 # same version, written by other code
         data = json.loads(path.read_text())
         path.write_text(json.dumps({**data, "a_field_from_elsewhere": 0.5}))
@@ -84,6 +90,34 @@ def test_stale_or_mismatched_profile_is_measured_again(tmp_path, monkeypatch, da
     else:
         assert calls == [engine] and predictor.profile.overhead == 42.0
         assert Profile.from_json(path).overhead == 42.0          # the new one was saved
+
+
+@pytest.mark.parametrize("damage", ["version", "key", "garbage", "json-list"])
+def test_a_named_profile_that_does_not_fit_is_an_error_not_overwritten(tmp_path, monkeypatch,
+                                                                       damage):
+    """--profile-path names the user's file: one that does not fit this engine is reported,
+    never measured again over it. A path that does not exist yet is measured and saved."""
+    path = tmp_path / "mine.json"
+    engine = fake_engine(path)
+    key = profiler.engine_key(engine)
+    if damage in ("version", "key"):
+        sample_profile(key={**key, "torch_threads": 99} if damage == "key" else dict(key)).to_json(path)
+        data = json.loads(path.read_text())
+        if damage == "version":
+            data["version"] = PROFILE_VERSION - 1
+        path.write_text(json.dumps(data))
+    else:
+        path.write_text({"garbage": "{not json", "json-list": "[1, 2]"}[damage])
+    text = path.read_text()
+    monkeypatch.setattr(profiler, "profile_engine", lambda *a: pytest.fail("measured again"))
+    with pytest.raises(ValueError, match="--profile-path: profile .*mine.json"):
+        profiler.predictor_for_engine(engine, progress=False)
+    assert path.read_text() == text
+    fresh = sample_profile(key=dict(key), overhead=42.0)
+    monkeypatch.setattr(profiler, "profile_engine", lambda eng, grid, progress: fresh)
+    new = tmp_path / "new" / "p.json"
+    assert profiler.predictor_for_engine(fake_engine(new), progress=False).profile == fresh
+    assert Profile.from_json(new).overhead == 42.0
 
 
 def test_key_names_the_difference(tmp_path):
