@@ -202,7 +202,7 @@ class EngineConfig:
     block_size: int = _flag(16, "tokens per KV-cache block")
     gpu_kv_blocks: int | None = _flag(None, "device KV-cache blocks (default: sized from free memory)")
     gpu_memory_gb: float | None = _flag(None, "cap on device memory for weights plus KV cache, in GiB, "
-                                        "to emulate a smaller GPU")
+                                        "to emulate a smaller GPU (default: no cap)")
     cpu_kv_blocks: int | None = _flag(None, "host KV-cache blocks (default: from --cpu-kv-gb)")
     cpu_kv_gb: float = _flag(2.0, "host memory for the KV cache, in GiB, when --cpu-kv-blocks is unset")
     max_num_seqs: int = _flag(256, "most requests running at once")
@@ -281,7 +281,10 @@ class EngineConfig:
             if f.name in skip:
                 continue
             flag = "--" + f.name.replace("_", "-")
-            help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
+            help_text = f.metadata["help"]
+            if "(default:" not in help_text:                # some say what their default means
+                help_text += f" (default: {f.default})"
+            help_text = help_text.replace("%", "%%")
             if f.type in ("bool", bool):
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                    help=help_text)

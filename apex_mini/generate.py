@@ -27,11 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder in Hugging Face layout (default: the shipped tiny model)")
     p.add_argument("--prompt", action="append", default=None,
                    help=f"a prompt; repeat for several (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--prompts-file", default=None, help="a UTF-8 text file with one prompt per "
+                   "line (blank lines skipped)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens to generate per prompt (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="keep the k most likely tokens; 0 = off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
     EngineConfig.add_cli_flags(p, skip=("seed",))

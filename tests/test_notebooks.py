@@ -53,6 +53,13 @@ def test_notebook_is_valid_and_saved_without_outputs(path):
                 f"{path.name} cell {i} was saved with outputs; clear them before committing"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_reads_no_scratch_folder(path):
+    """Notebooks load the shipped model (config.DEFAULT_MODEL_DIR), never a path that exists
+    only on the machine that wrote them."""
+    assert "/tmp/" not in _source(path), f"{path.name} names a /tmp path"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch, tmp_path):
