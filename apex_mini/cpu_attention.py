@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +246,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 # ------------------------------------------------------------------------------------ worker
 
+def _init_thread(intra_op_threads: int) -> None:
+    """A worker thread's torch thread count. Per calling thread under OpenMP; set only when it
+    changes something, because it also becomes the default for threads started later."""
+    if torch.get_num_threads() != intra_op_threads:
+        torch.set_num_threads(intra_op_threads)
+
+
 def split_by_tokens(context_lens: torch.Tensor, parts: int) -> list[tuple[int, int]]:
     """Cut the sequences into <= `parts` contiguous [start, end) runs of about equal KV tokens."""
     lens = context_lens.tolist()
@@ -281,8 +288,10 @@ class CPUAttentionWorker:
     Invariants: submit() returns at once; a task's exception is re-raised by its handle's
     result() in the caller, and the worker stays usable afterwards; tasks run under
     torch.inference_mode(); on a pool of several threads, tasks may run concurrently and in any
-    order (wait for an append_kv's handle before attending over what it wrote); close() lets
-    queued tasks finish and joins every thread.
+    order (wait for an append_kv's handle before attending over what it wrote); drain() waits
+    for every task handed over so far (a caller whose step failed calls it before the blocks
+    those tasks write are freed); close() lets queued tasks finish and joins every thread, and
+    the threads also end when an unclosed worker is garbage-collected.
 
     Torch ops inside a task use `intra_op_threads` OpenMP threads each. The default leaves one
     thread's worth to the main thread and divides the rest among the workers: (torch threads -
@@ -302,13 +311,12 @@ class CPUAttentionWorker:
         self.num_threads = num_threads
         self.intra_op_threads = intra_op_threads or max(1, (torch.get_num_threads() - 1) // num_threads)
         self.thread_name_prefix = f"apex-cpu-attn-{CPUAttentionWorker._count}"
-        self._pool = ThreadPoolExecutor(num_threads, self.thread_name_prefix, self._init_thread)
-
-    def _init_thread(self) -> None:
-        # Per calling thread under OpenMP; only called when it changes something, because it
-        # also becomes the default for threads started later.
-        if torch.get_num_threads() != self.intra_op_threads:
-            torch.set_num_threads(self.intra_op_threads)
+        # The initializer must not hold `self`: the pool's threads would then keep the worker,
+        # and so the pool, alive forever, and an unclosed worker's threads would never end.
+        self._pool = ThreadPoolExecutor(num_threads, self.thread_name_prefix, _init_thread,
+                                        (self.intra_op_threads,))
+        self._pending: set[Future] = set()
+        self._pending_lock = threading.Lock()
 
     @staticmethod
     def _call(fn, args, kwargs):
@@ -317,7 +325,26 @@ class CPUAttentionWorker:
 
     def submit(self, fn, *args, **kwargs) -> Future:
         """Run fn(*args, **kwargs) on a worker thread; .result(timeout) returns or re-raises."""
-        return self._pool.submit(self._call, fn, args, kwargs)
+        try:
+            future = self._pool.submit(self._call, fn, args, kwargs)
+        except RuntimeError:                          # the pool's "after shutdown"
+            raise RuntimeError("the CPU attention worker is closed (close() was called); "
+                               "build a new engine") from None
+        with self._pending_lock:
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: Future) -> None:
+        with self._pending_lock:
+            self._pending.discard(future)
+
+    def drain(self) -> None:
+        """Wait until every task handed over so far has ended (their results and exceptions
+        stay with their futures)."""
+        with self._pending_lock:
+            pending = list(self._pending)
+        wait(pending)
 
     def decode_async(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,

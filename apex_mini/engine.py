@@ -71,6 +71,7 @@ class Engine:
             self.worker.submit(precompile, k_cache, v_cache, mc.num_attention_heads,
                                self.max_model_len).result()
         self.records: list[IterationRecord] = []
+        self.closed = False
         self._ids = itertools.count()
 
     def _build_cache(self) -> None:
@@ -160,12 +161,20 @@ class Engine:
 
     def step(self) -> tuple[Plan, list[Sequence]]:
         """One iteration. Returns the plan it ran and the requests that finished."""
+        if self.closed:
+            raise RuntimeError("this engine is closed (close() was called); build a new one")
         plan = self.scheduler.schedule()
         shape = BatchShape.from_plan(plan)
         if plan.predicted_s is None and self.predictor is not None:   # a policy that asks none
             plan.predicted_s = self.predictor.iteration_time(shape, plan.strategy)
         start = time.perf_counter()
-        tokens = self.runner.execute(plan, self.block_tables())
+        try:
+            tokens = self.runner.execute(plan, self.block_tables())
+        except BaseException:
+            # Host attention handed to the worker may still be writing K/V into host blocks:
+            # let it end before a caller frees (and a next call reuses) those blocks.
+            self.worker.drain()
+            raise
         measured = time.perf_counter() - start
         if not plan.is_empty:
             self.records.append(IterationRecord(plan, measured, shape))
@@ -183,6 +192,9 @@ class Engine:
         return {GPU: self.gpu_blocks.tables, CPU: self.cpu_blocks.tables}
 
     def close(self) -> None:
+        """Let the worker's queued tasks finish and join its threads. Idempotent; the engine
+        takes no more steps."""
+        self.closed = True
         self.worker.close()
 
 

@@ -264,6 +264,42 @@ def test_worker_tasks_run_in_inference_mode():
         assert worker.submit(torch.is_inference_mode_enabled).result(timeout=1.0)
 
 
+def test_drain_waits_for_every_task_handed_over():
+    ended = []
+    with ca.CPUAttentionWorker(2) as worker:
+        for i in range(4):
+            worker.submit(lambda i=i: time.sleep(0.1) or ended.append(i))
+        worker.submit(lambda: 1 / 0)                  # a failed task counts as ended too
+        worker.drain()
+        assert sorted(ended) == [0, 1, 2, 3]
+
+
+def test_a_closed_worker_says_so():
+    worker = ca.CPUAttentionWorker(1)
+    worker.close()
+    worker.close()                                    # idempotent
+    with pytest.raises(RuntimeError, match="worker is closed"):
+        worker.submit(lambda: 7)
+
+
+def test_an_unclosed_worker_ends_its_threads_when_collected():
+    """Nothing else holds a worker's pool: dropped without close(), its threads still end."""
+    import gc
+    worker = ca.CPUAttentionWorker(2)
+    prefix = worker.thread_name_prefix
+    assert worker.submit(lambda: 7).result(timeout=1.0) == 7
+
+    def alive():
+        return [t for t in threading.enumerate() if t.name.startswith(prefix)]
+    assert alive()
+    del worker
+    gc.collect()
+    deadline = time.monotonic() + 5.0
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive()
+
+
 def test_worker_rejects_zero_threads():
     with pytest.raises(ValueError, match="at least 1"):
         ca.CPUAttentionWorker(0)

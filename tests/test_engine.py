@@ -3,6 +3,7 @@ preemption and chunked prefill, on tiny checkpoints in fp32."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -276,3 +277,50 @@ def test_a_failed_call_or_an_abandoned_stream_leaves_nothing_behind(mha_ckpt, mo
     engine.scheduler.check_integrity()
     assert llm.generate([[1, 7, 8]], params)[0].token_ids == expected
     llm.close()
+
+
+def test_a_failed_step_waits_for_the_host_attention_it_handed_over(mha_ckpt, monkeypatch):
+    """Device attention fails while host attention runs on the worker: the step re-raises only
+    after the host task has ended, so the blocks it writes are not freed (and reused by the next
+    call) under it. The next call then gives the tokens a fresh engine gives."""
+    import apex_mini.runner as runner_module
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    prompts = [[1, 5, 6, 7], [1, 8, 9], [1, 10], [1, 11, 12]]
+    expected = [o.token_ids for o in LLM(mha_ckpt, device="cpu", dtype="float32").generate(
+        prompts, params)]
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32", policy="static", cpu_fraction=0.5,
+              cpu_threads=2, compile_cpu_attention=False)
+    host_attention, state = runner_module.host_decode_attention, {"started": 0, "ended": 0}
+
+    def slow_host_attention(*args, **kwargs):
+        state["started"] += 1
+        time.sleep(0.3)
+        out = host_attention(*args, **kwargs)
+        state["ended"] += 1
+        return out
+
+    runner = llm.engine.runner
+    device_attention = runner._device_attention
+
+    def failing_device_attention(*args):
+        time.sleep(0.05)                              # the host task has started by now
+        if state["started"]:
+            raise RuntimeError("injected")
+        device_attention(*args)
+
+    monkeypatch.setattr(runner_module, "host_decode_attention", slow_host_attention)
+    monkeypatch.setattr(runner, "_device_attention", failing_device_attention)
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(prompts, params)
+    assert state["started"] >= 1 and state["ended"] == state["started"]
+    monkeypatch.undo()
+    assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+    llm.close()
+
+
+def test_a_closed_engine_takes_no_steps(mha_ckpt):
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32")
+    llm.close()
+    llm.close()
+    with pytest.raises(RuntimeError, match="engine is closed"):
+        llm.generate([[1, 5]], GREEDY)
