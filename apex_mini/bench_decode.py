@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import add_model_flags, check_output_path, run_cli, size_list, write_json
+from .cli import (add_model_flags, check_output_path, check_threads, run_cli, size_list,
+                  write_json)
 from .config import EngineConfig, ModelConfig
 from .engine import Engine
 from .metrics import machine_info
@@ -235,13 +236,6 @@ def check_context(args, cfg: EngineConfig) -> None:
         raise ValueError(f"--prompt-len {args.prompt_len} plus --new-tokens {args.new_tokens} is "
                          f"{args.prompt_len + args.new_tokens} tokens but {limit} {context}; "
                          "lower --prompt-len or --new-tokens")
-
-
-def check_threads(value: int | None, flag: str) -> None:
-    """A thread count: unset (torch's own choice) or at least 1."""
-    if value is not None and value < 1:
-        raise ValueError(f"{flag} must be at least 1 (leave it out for torch's own choice), "
-                         f"got {value}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,8 @@ import time
 import torch
 
 from . import cpu_attention as ca
-from .bench_decode import check_threads, copy_bandwidth_gbps
-from .cli import check_output_path, run_cli, size_list, write_json
+from .bench_decode import copy_bandwidth_gbps
+from .cli import check_output_path, check_threads, run_cli, size_list, write_json
 from .metrics import machine_info
 from .packed_linear import available_memory_bytes
 from .weights import MODEL_SHAPES

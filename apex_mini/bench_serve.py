@@ -28,12 +28,11 @@ import torch
 from tqdm import tqdm
 
 from . import metrics, workloads
-from .bench_decode import check_threads
-from .cli import add_model_flags, check_output_path, run_cli
+from .cli import add_model_flags, check_output_path, check_threads, policy_list, run_cli
 from .config import EngineConfig
 from .engine import Engine
 from .sampling import SamplingParams
-from .simulate import check_trace_arg, policy_list
+from .simulate import check_trace_arg
 from .weights import model_for, resolve_device
 
 WARMUP_REQUESTS = 2     # tiny requests run before timing, so compilation is not measured

@@ -1,9 +1,11 @@
 """What every command-line tool shares: bad input becomes one line on stderr and exit status 2;
-the --model / --model-shape pair; JSON reports."""
+the --model / --model-shape pair; JSON reports; the checks of common flags (sizes, numbers,
+thread counts, policy lists, input and output files), made before any long work."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -69,3 +71,55 @@ def write_json(path: str | None, report: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=2))
     print(f"wrote {path}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------ input checks
+# Each raises ValueError with one line naming the flag, before any long work.
+
+def policy_list(text: str, hint: str = "list each policy once") -> list[str]:
+    """--policies as a list: known names, each once (a repeat would silently run once)."""
+    from .metrics import parse_policies
+    names = parse_policies(text)
+    twice = list(dict.fromkeys(n for n in names if names.count(n) > 1))
+    if twice:
+        raise ValueError(f"--policies {text!r} names {', '.join(twice)} more than once; {hint}")
+    return names
+
+
+def check_input_file(path: str | None, flag: str, expected: str) -> None:
+    """`path` must be a readable file; `expected` says what it should hold."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give {expected}")
+    if not target.is_file():
+        raise ValueError(f"{flag} {path}: no such file; give {expected}")
+
+
+def read_json_arg(path: str, flag: str, expected: str):
+    """The JSON document in `path` (checked with `check_input_file`)."""
+    check_input_file(path, flag, expected)
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag} {path} is not valid JSON ({e}); give {expected}") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be read ({e.strerror}); give {expected}") from None
+
+
+def check_number(value, flag: str, positive: bool, whole: bool = False) -> None:
+    """None (unset) passes; else a finite number > 0 (`positive`) or >= 0."""
+    if value is None:
+        return
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        bound = ">= 1" if whole and positive else "> 0" if positive else ">= 0"
+        raise ValueError(f"{flag} must be {bound}, got {value}")
+
+
+def check_threads(value: int | None, flag: str) -> None:
+    """A thread count: unset (torch's own choice) or at least 1."""
+    if value is not None and value < 1:
+        raise ValueError(f"{flag} must be at least 1 (leave it out for torch's own choice), "
+                         f"got {value}")

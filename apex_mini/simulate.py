@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
-import math
 import random
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from tqdm import tqdm
 
 from . import metrics, workloads
-from .cli import check_output_path, run_cli
+from .cli import (check_input_file, check_number, check_output_path, policy_list, read_json_arg,
+                  run_cli)
 from .config import EngineConfig, ModelConfig
 from .cost_tables import BatchShape, Profile
 from .hardware import (GPUS, HOSTS, Hardware, analytic_profile, kv_capacity_tokens, load_hardware,
@@ -202,39 +200,8 @@ def resolve_hardware(args) -> Hardware:
 
 
 # ------------------------------------------------------------------------------ input checks
-# Shared with `bench serve` (the serving tools' own flags): each raises ValueError with one line
-# naming the flag, before any long work.
-
-def policy_list(text: str, hint: str = "list each policy once") -> list[str]:
-    """--policies as a list: known names, each once (a repeat would silently run once)."""
-    names = metrics.parse_policies(text)
-    twice = list(dict.fromkeys(n for n in names if names.count(n) > 1))
-    if twice:
-        raise ValueError(f"--policies {text!r} names {', '.join(twice)} more than once; {hint}")
-    return names
-
-
-def check_input_file(path: str | None, flag: str, expected: str) -> None:
-    """`path` must be a readable file; `expected` says what it should hold."""
-    if not path:
-        return
-    target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"{flag} {path} is a folder; give {expected}")
-    if not target.is_file():
-        raise ValueError(f"{flag} {path}: no such file; give {expected}")
-
-
-def read_json_arg(path: str, flag: str, expected: str):
-    """The JSON document in `path` (checked with `check_input_file`)."""
-    check_input_file(path, flag, expected)
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{flag} {path} is not valid JSON ({e}); give {expected}") from None
-    except OSError as e:
-        raise ValueError(f"{flag} {path} cannot be read ({e.strerror}); give {expected}") from None
-
+# Each raises ValueError with one line naming the flag, before any long work (the generic ones
+# are cli.py's).
 
 PROFILE_FILE = "a profile JSON from `python -m apex_mini.profile --out FILE`"
 REPORT_FILE = "a report JSON from `python -m apex_mini.bench serve --json FILE`"
@@ -283,16 +250,6 @@ def check_trace_arg(args) -> None:
     if args.trace and args.workload == "trace":
         check_input_file(args.trace, "--trace", 'a JSONL file of {"arrival_s": s, "prompt_len": '
                          'n, "output_len": n} lines')
-
-
-def check_number(value, flag: str, positive: bool, whole: bool = False) -> None:
-    """None (unset) passes; else a finite number > 0 (`positive`) or >= 0."""
-    if value is None:
-        return
-    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
-    if not ok:
-        bound = ">= 1" if whole and positive else "> 0" if positive else ">= 0"
-        raise ValueError(f"{flag} must be {bound}, got {value}")
 
 
 def check_flags(args) -> None:
