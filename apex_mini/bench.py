@@ -27,9 +27,12 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(usage())
         return 0
+    if not argv:                                      # a command is needed: usage, as an error
+        print(usage(), file=sys.stderr)
+        return 2
     if argv[0] not in COMMANDS:
         raise ValueError(f"unknown benchmark {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[argv[0]][0])

@@ -68,6 +68,8 @@ def test_decode_without_transformers_writes_null(tmp_path):
 
 
 def test_bench_usage_and_unknown_command(capsys):
-    assert bench.main([]) == 0
+    assert bench.main(["--help"]) == 0
     assert "kernels" in capsys.readouterr().out
+    assert bench.main([]) == 2                        # no command: usage on stderr, exit 2
+    assert "kernels" in capsys.readouterr().err
     assert run_cli(lambda: bench.main(["nope"])) == 2
