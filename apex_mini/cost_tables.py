@@ -83,15 +83,23 @@ class BatchShape:
     cpu_decode_max_kv: int = 0                # longest host-resident decode context
     swap_out_blocks: int = 0                  # device -> host blocks copied before the forward
     swap_in_blocks: int = 0                   # host -> device blocks
+    # Prefill chunks that complete their prompt (so make a token and a row of the LM head);
+    # None: every chunk does. A chunk of a longer prompt only fills the KV cache.
+    prefill_outputs: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return sum(self.prefill_tokens) + self.n_gpu_decodes + self.n_cpu_decodes
 
     @property
+    def num_prefill_outputs(self) -> int:
+        return len(self.prefill_tokens) if self.prefill_outputs is None else self.prefill_outputs
+
+    @property
     def num_outputs(self) -> int:
-        """Rows that produce a token (assumes every prefill chunk completes its prompt)."""
-        return len(self.prefill_tokens) + self.n_gpu_decodes + self.n_cpu_decodes
+        """Rows that produce a token: every decode, and each prefill chunk that completes its
+        prompt. This is the numerator of the tokens/s the policies compare."""
+        return self.num_prefill_outputs + self.n_gpu_decodes + self.n_cpu_decodes
 
     @classmethod
     def from_plan(cls, plan: Plan) -> "BatchShape":
@@ -107,4 +115,5 @@ class BatchShape:
             cpu_decode_max_kv=max((s.num_computed + 1 for s in plan.cpu_decodes), default=0),
             swap_out_blocks=sum(len(w.src_blocks) for w in plan.swaps if w.dst_tier == "cpu"),
             swap_in_blocks=sum(len(w.src_blocks) for w in plan.swaps if w.dst_tier == "gpu"),
+            prefill_outputs=sum(s.num_computed + n == s.num_tokens for s, n in plan.prefills),
         )

@@ -183,6 +183,7 @@ class _Search:
         return dataclasses.replace(
             b, prefill_tokens=b.prefill_tokens + hp.prefill_tokens,
             prefill_context=b.prefill_context + hp.prefill_context,
+            prefill_outputs=b.num_prefill_outputs + hp.num_prefill_outputs,
             n_host_prefill_tokens=hp.n_host_prefill_tokens,
             n_cpu_decodes=k, cpu_decode_kv=self.kv[k], cpu_decode_max_kv=self.longest[k])
 

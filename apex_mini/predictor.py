@@ -24,12 +24,20 @@ engine's last few iterations compared with the tables (feedback.py): one factor 
 so it changes predicted times but no decision. The `table_s` of a breakdown is the profile's
 prediction alone.
 
+Tables are first made non-decreasing (`nondecreasing`): more work never predicts less time.
+A measured median can dip below its neighbour's from noise (on a busy 2-core machine the
+first point of a row was seen 4x slower than the next), and a falling segment would make
+the predictor prefer the larger of two plans, or extrapolate upwards below the first point.
+2-D tables are fitted along each measured row (more KV tokens); across rows (more requests
+for the same KV) cost need not grow, so it is left as measured.
+
 Interpolation: linear in 1-D, bilinear in 2-D (per measured row, then across rows), linear
-extrapolation past the ends. A table point predicts exactly its own time.
+extrapolation past the ends. A point of a monotone table predicts exactly its own time.
 """
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import operator
 import statistics
 
@@ -42,6 +50,41 @@ first = operator.itemgetter(0)
 
 
 # ------------------------------------------------------------------------------- interpolation
+
+def nondecreasing(ys: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to `ys` in absolute error: pool adjacent violators,
+    each pool at its median. One noisy point is outvoted by its neighbours instead of spreading
+    (a running maximum would carry a slow outlier to every larger point)."""
+    pools: list[list[float]] = []
+    for y in ys:
+        pools.append([y])
+        while len(pools) > 1 and statistics.median(pools[-2]) > statistics.median(pools[-1]):
+            last = pools.pop()
+            pools[-1] += last
+    return [statistics.median(pool) for pool in pools for _ in pool]
+
+
+def monotone_table(table: list[list[float]]) -> list[list[float]]:
+    """[[x, y], ...] (x ascending) with y made non-decreasing."""
+    return [[x, y] for (x, _), y in zip(table, nondecreasing([y for _, y in table]))]
+
+
+def monotone_rows(points: list[list[float]]) -> list[list[float]]:
+    """[[a, b, y], ...] with y made non-decreasing in b along each a."""
+    rows: dict[float, list[list[float]]] = {}
+    for a, b, y in sorted(points):
+        rows.setdefault(a, []).append([b, y])
+    return [[a, b, y] for a, row in rows.items() for b, y in monotone_table(row)]
+
+
+def monotone_profile(profile: Profile) -> Profile:
+    """A copy of `profile` whose tables never predict less time for more work."""
+    return dataclasses.replace(
+        profile, **{name: monotone_table(getattr(profile, name))
+                    for name in ("linear", "prefill_attn", "d2h", "h2d", "lm_head")},
+        **{name: monotone_rows(getattr(profile, name))
+           for name in ("gpu_decode_attn", "cpu_decode_attn", "decode_iteration")})
+
 
 def interp1(table: list[list[float]], x: float) -> float:
     """Piecewise-linear through [[x, y], ...] (x ascending), extended linearly past the ends."""
@@ -97,7 +140,8 @@ class Predictor:
     enough for the scheduler to ask about dozens of candidates per iteration."""
 
     def __init__(self, profile: Profile, bucket_decode: bool = False, feedback: bool = False):
-        self.profile = p = profile
+        self.profile = profile                 # as measured (or computed), and saved
+        self.tables = p = monotone_profile(profile)   # what predictions read
         self.bucket_decode = bucket_decode
         self.feedback = Feedback() if feedback else None
         key = p.key or {}
@@ -131,7 +175,7 @@ class Predictor:
     def _prefill_attn(self, shape: BatchShape) -> float:
         t = 0.0
         for n, ctx in zip(shape.prefill_tokens, shape.prefill_context or shape.prefill_tokens):
-            full = interp1(self.profile.prefill_attn, ctx)
+            full = interp1(self.tables.prefill_attn, ctx)
             # A chunk after a cached prefix does the last rows of the causal triangle.
             t += full * (1.0 - ((ctx - n) / ctx) ** 2) if ctx > n else full
         return t
@@ -140,18 +184,18 @@ class Predictor:
         """(down, host job, up) per layer for a host sub-batch."""
         if not n_cpu and not host_prefill:
             return 0.0, 0.0, 0.0
-        job = self.profile.host_job_s + (self.cpu_attn(n_cpu, kv) if n_cpu else 0.0)
+        job = self.tables.host_job_s + (self.cpu_attn(n_cpu, kv) if n_cpu else 0.0)
         if self.on_cpu:                                   # the runner copies nothing
             return 0.0, job, 0.0
-        row = self.profile.bytes_per_token_row
-        down = interp1(self.profile.d2h, (n_cpu + host_prefill) * row)
-        up = interp1(self.profile.h2d, n_cpu * row * self.up_share) if n_cpu else 0.0
+        row = self.tables.bytes_per_token_row
+        down = interp1(self.tables.d2h, (n_cpu + host_prefill) * row)
+        up = interp1(self.tables.h2d, n_cpu * row * self.up_share) if n_cpu else 0.0
         return down, job, up
 
     def _per_iteration(self, shape: BatchShape, split: int = 0) -> dict[str, float]:
         """LM head, overhead and swaps. A pipelined iteration (`split` = rows of sub-batch B)
         builds, embeds and runs the LM head for each sub-batch: its fixed cost counts twice."""
-        p = self.profile
+        p = self.tables
         swap = 0.0
         if p.kv_block_bytes:
             if shape.swap_out_blocks:
@@ -229,7 +273,7 @@ class Predictor:
         n_g = shape.n_gpu_decodes
         if self.bucket_decode and not shape.prefill_tokens and not shape.n_cpu_decodes:
             rows = n_g = bucket(n_g)                        # padded decode-only batch
-        lin = interp1(self.profile.linear, rows)
+        lin = interp1(self.tables.linear, rows)
         gkv = self._decode_kv(n_g, shape.gpu_decode_kv, shape.gpu_decode_max_kv)
         gatt = self.gpu_attn(n_g, gkv) if n_g else 0.0
         prefill = self._prefill_attn(shape)
@@ -254,8 +298,8 @@ class Predictor:
         per_seq = shape.cpu_decode_kv / shape.n_cpu_decodes
         kv_a = self._decode_kv(half, per_seq * half, shape.cpu_decode_max_kv, device=False)
         kv_b = self._decode_kv(n_b, per_seq * n_b, shape.cpu_decode_max_kv, device=False)
-        lin_a = interp1(self.profile.linear, sum(shape.prefill_tokens) + shape.n_gpu_decodes + half)
-        lin_b = interp1(self.profile.linear, n_b)
+        lin_a = interp1(self.tables.linear, sum(shape.prefill_tokens) + shape.n_gpu_decodes + half)
+        lin_b = interp1(self.tables.linear, n_b)
         gkv = self._decode_kv(shape.n_gpu_decodes, shape.gpu_decode_kv, shape.gpu_decode_max_kv)
         dev_a = self._prefill_attn(shape) + (self.gpu_attn(shape.n_gpu_decodes, gkv)
                                              if shape.n_gpu_decodes else 0.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from apex_mini.config import EngineConfig
 from apex_mini.cost_tables import PROFILE_VERSION, BatchShape, Profile
 from apex_mini.feedback import MIN_SEEN, WINDOW, Feedback
 from apex_mini.plan import Plan, Strategy
-from apex_mini.predictor import Grid2D, Predictor, interp1
+from apex_mini.predictor import Grid2D, Predictor, interp1, nondecreasing
 from apex_mini.weights import MODEL_SHAPES
 
 
@@ -166,6 +167,48 @@ def test_grid2d_exact_at_points(ragged):
     # Bilinear: the centre of a full cell is the mean of its corners.
     corners = [grid(a, b) for a in (4, 16) for b in (256, 1024)]
     assert grid(10, 640) == pytest.approx(sum(corners) / 4)
+
+
+def test_nondecreasing_outvotes_an_outlier_and_is_the_closest_monotone_fit():
+    # The first cpu_decode_attn row of docs/data/profile_cpu.json (us): a slow first point.
+    assert nondecreasing([1038, 239, 347, 477, 1566]) == [347, 347, 347, 477, 1566]
+    rng = random.Random(2)
+    for _ in range(300):
+        ys = [rng.uniform(0, 10) for _ in range(rng.randint(1, 9))]
+        fit = nondecreasing(ys)
+        assert len(fit) == len(ys) and all(a <= b for a, b in zip(fit, fit[1:]))
+        if ys == sorted(ys):
+            assert fit == ys
+        # No worse (in absolute error) than two other monotone fits: the running maximum
+        # and the running minimum from the right.
+        run_max = [max(ys[:i + 1]) for i in range(len(ys))]
+        run_min = [min(ys[i:]) for i in range(len(ys))]
+        err = lambda f: sum(abs(a - b) for a, b in zip(f, ys))
+        assert err(fit) <= min(err(run_max), err(run_min)) + 1e-9
+
+
+def test_more_work_never_predicts_less_time_on_the_shipped_profile():
+    """The shipped CPU profile's medians dip (noise on a 2-core machine); the predictor's
+    tables must not: more KV per request, or more tokens, never predicts a faster iteration,
+    nor does less work below the first point predict more."""
+    path = Path(__file__).resolve().parent.parent / "docs" / "data" / "profile_cpu.json"
+    profile = Profile(**json.loads(path.read_text()))
+    pred = Predictor(profile, bucket_decode=True)
+    kvs = [4, 16, 32, 64, 100, 128, 300, 512, 1000, 2048, 5000, 8192, 20000, 32768]
+    for n in (1, 2, 4, 8, 16):
+        for strategy, shape in (
+                (Strategy.GPU_ONLY, lambda kv: BatchShape(n_gpu_decodes=n, gpu_decode_kv=n * kv,
+                                                          gpu_decode_max_kv=kv)),
+                (Strategy.OVERLAP, lambda kv: BatchShape(n_gpu_decodes=1, gpu_decode_kv=64,
+                                                         n_cpu_decodes=n, cpu_decode_kv=n * kv,
+                                                         cpu_decode_max_kv=kv))):
+            times = [pred.iteration_time(shape(kv), strategy) for kv in kvs]
+            assert times == sorted(times), (n, strategy)
+    tokens = [1, 2, 3, 4, 6, 8, 12, 16, 64, 300, 4096]
+    prefill = [pred.iteration_time(BatchShape(prefill_tokens=(t,), prefill_context=(t,)),
+                                   Strategy.GPU_ONLY) for t in tokens]
+    assert prefill == sorted(prefill)
+    assert pred.profile == profile                 # the measured tables stay as measured
 
 
 def test_iteration_time_from_table_points():
