@@ -69,9 +69,12 @@ def build_model(args, cfg: EngineConfig):
 
 
 def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
-    """Release requests at their arrival times, step until all finish; returns the metrics row."""
+    """Release requests at their arrival times, step until all finish; returns the metrics row.
+    The tally and the predictor error cover every iteration of this run: its records are kept
+    here, as `engine.records` drops its older half past `max_records` (a long run would be
+    undercounted). They are bounded by the run itself, whose requests are all kept anyway."""
     sched = engine.scheduler
-    engine.records.clear()                                  # this run's iterations only
+    records = []                                            # this run's iterations, in order
     preempt0, swaps0 = sched.num_preemptions, sched.num_swaps
     pending = collections.deque(zip(specs, prompts))
     seqs = []
@@ -88,16 +91,18 @@ def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
         if not engine.has_work():
             time.sleep(max(0.0, start + pending[0][0].arrival_s - time.perf_counter()))
             continue
-        _, finished = engine.step()
+        plan, finished = engine.step()
+        if not plan.is_empty:
+            records.append(engine.records[-1])              # the record this step made
         bar.update(len(finished))
     bar.close()
     tally = metrics.IterationTally()
-    for record in engine.records:
+    for record in records:
         tally.add(record.plan)
     row = metrics.summarize(seqs, start, tally, sched.num_preemptions - preempt0,
                             sched.num_swaps - swaps0)
     if engine.predictor is not None:
-        row["predictor_error"] = engine.predictor.error_report(engine.records)
+        row["predictor_error"] = engine.predictor.error_report(records)
     return row
 
 

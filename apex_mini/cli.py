@@ -64,12 +64,27 @@ def check_output_path(path: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {path} cannot be written (permission denied); give another path")
 
 
+def json_text(document, indent: int = 2) -> str:
+    """Standard JSON: a NaN or infinite float is written null (Python's json would write NaN
+    or Infinity, which strict parsers such as jq and JavaScript's reject)."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(document), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | None, report: dict) -> None:
-    """Write `report` to `path` (folders made as needed) and say so on stderr; None: nothing."""
+    """Write `report` to `path` as standard JSON (`json_text`; folders made as needed) and say
+    so on stderr; None: nothing."""
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2))
+    Path(path).write_text(json_text(report))
     print(f"wrote {path}", file=sys.stderr)
 
 

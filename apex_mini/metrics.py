@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
+import math
 import os
 import platform
 import statistics
@@ -139,7 +139,10 @@ def median_run(rows: list[dict]) -> dict:
 def report(policies: dict[str, dict], workload: dict, model: dict, hardware: dict, program: str,
            argv: list[str] | None = None, **extra) -> dict:
     """The JSON document both commands write: results plus what, where, when and how.
-    `program` is the command's module path, e.g. 'apex_mini.simulate'."""
+    `program` is the command's module path, e.g. 'apex_mini.simulate'. The workload's `rate`
+    (requests/s) is written null when every request arrives at t = 0 (an infinite rate; a trace
+    keeps its own arrivals whatever the rate): the file is standard JSON, with no Infinity or
+    NaN (`write_outputs`)."""
     add_ratios(policies)
     command = " ".join(["python", "-m", program] + list(sys.argv[1:] if argv is None else argv))
     return {"policies": policies, "workload": workload, "model": model, "hardware": hardware,
@@ -170,10 +173,17 @@ def markdown(rep: dict) -> str:
     lines += ["", f"workload: {w.get('name')}, {w.get('num_requests')} requests, mean prompt "
               f"{w.get('mean_prompt_len', 0):.0f} tokens, mean output "
               f"{w.get('mean_output_len', 0):.0f} "
-              f"tokens, rate {w.get('rate')} req/s",
+              f"tokens, {_arrivals(w)}",
               f"model: {_describe(rep['model'])}", f"hardware: {_describe(rep['hardware'])}",
               f"date: {rep['date']}", f"command: `{rep['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _arrivals(workload: dict) -> str:
+    rate = workload.get("rate")
+    if workload.get("name") == "trace":
+        return "arrivals from the trace"
+    return "every request at t = 0" if rate is None or math.isinf(rate) else f"rate {rate} req/s"
 
 
 def compare(simulated: dict, measured: dict) -> dict[str, dict]:
@@ -220,7 +230,11 @@ def publish(rep: dict, args, title: str) -> None:
 
 
 def write_outputs(rep: dict, json_path: str | None, markdown_path: str | None) -> None:
-    for path, text in ((json_path, json.dumps(rep, indent=1)), (markdown_path, markdown(rep))):
+    """Write the report to either path given, as standard JSON (a NaN or infinite figure
+    is written null: cli.json_text)."""
+    from .cli import json_text
+    for path, text in ((json_path, json_text(rep, indent=1)),
+                       (markdown_path, markdown(rep))):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)

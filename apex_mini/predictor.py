@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 import operator
 import statistics
 
@@ -325,14 +326,18 @@ class Predictor:
         (each needs `.plan` and `.measured_s`; `.shape` is used when present, as a plan's
         sequences have moved on since it ran). The prediction scored is the plan's
         `predicted_s`, made before the iteration ran, when it has one; else this predictor's now.
-        `tables_only` scores the profile's tables without the feedback correction."""
+        `tables_only` scores the profile's tables without the feedback correction. A record
+        whose measured time is not a finite positive number, or whose prediction is not finite,
+        is skipped: one NaN or inf would poison every statistic."""
         errors: dict[str, list[float]] = {}
         tables_only: list[float] = []
         for r in records:
-            if r.measured_s <= 0:
+            if not (math.isfinite(r.measured_s) and r.measured_s > 0):
                 continue
             shape = getattr(r, "shape", None) or BatchShape.from_plan(r.plan)
             predicted, b = self.scored(shape, r.plan)
+            if not (math.isfinite(predicted) and math.isfinite(b["table_s"])):
+                continue
             name = r.plan.strategy.value
             if r.plan.strategy is Strategy.PIPELINE and not pipelines(shape):
                 name = Strategy.OVERLAP.value                  # what the runner actually ran

@@ -82,11 +82,12 @@ def synthetic(name: str, num_requests: int, rate: float = math.inf, length_scale
 def load_trace(path: str | Path, num_requests: int | None = None,
                length_scale: float = 1.0) -> list[RequestSpec]:
     """Read a JSONL trace (format in the module docstring); keeps the first `num_requests` by
-    arrival. Bad lines raise ValueError naming the file and line number."""
+    arrival (None: all; 0 or fewer is an error). Bad lines raise ValueError naming the file and
+    line number."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trace file {str(path)!r} not found")
-    _check_counts(num_requests or 1, length_scale)
+    _check_counts(1 if num_requests is None else num_requests, length_scale)
     specs = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -114,12 +115,14 @@ def load_trace(path: str | Path, num_requests: int | None = None,
     if not specs:
         raise ValueError(f"trace file {str(path)!r} holds no requests")
     specs.sort(key=lambda s: s.arrival_s)
-    return specs[:num_requests] if num_requests else specs
+    return specs if num_requests is None else specs[:num_requests]
 
 
-def make_workload(name: str, num_requests: int, rate: float = math.inf, length_scale: float = 1.0,
-                  seed: int = 0, trace: str | None = None) -> list[RequestSpec]:
-    """Dispatch on the workload name; 'trace' needs `trace` (its arrivals are kept, not `rate`)."""
+def make_workload(name: str, num_requests: int | None, rate: float = math.inf,
+                  length_scale: float = 1.0, seed: int = 0,
+                  trace: str | None = None) -> list[RequestSpec]:
+    """Dispatch on the workload name; 'trace' needs `trace` (its arrivals are kept, not `rate`;
+    `num_requests` None keeps all of it, as `load_trace`)."""
     if name == "trace":
         if not trace:
             raise ValueError("--workload trace needs --trace PATH (a JSONL file)")
@@ -156,9 +159,10 @@ def describe(specs: list[RequestSpec]) -> dict:
             "last_arrival_s": specs[-1].arrival_s}
 
 
-def _check_counts(num_requests: int, length_scale: float) -> None:
-    if num_requests < 1:
-        raise ValueError(f"--num-requests must be at least 1, not {num_requests}")
+def _check_counts(num_requests: int | None, length_scale: float) -> None:
+    if num_requests is None or num_requests < 1:           # None: only a trace knows its count
+        raise ValueError(f"--num-requests must be at least 1, not {num_requests}; give how many "
+                         "requests to run")
     if not (length_scale > 0 and math.isfinite(length_scale)):
         raise ValueError(f"--length-scale must be a positive number, not {length_scale}")
 

@@ -2,6 +2,7 @@
 on random tiny weights on the CPU with a device tier small enough that the host tier is used."""
 from __future__ import annotations
 
+import collections
 import json
 
 import pytest
@@ -95,3 +96,26 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="length-scale"):
         bench.main(["serve", "--model-shape", "tiny", "--device", "cpu", "--workload", "long-input",
                     "--num-requests", "2", "--no-progress"])
+
+
+def test_counts_cover_every_iteration_past_max_records(tmp_path, monkeypatch):
+    """The engine keeps at most --max-records records (trimming to the newer half); the bench's
+    iteration tally and predictor error still cover every iteration the run took."""
+    from apex_mini.engine import Engine
+    taken, real_step = collections.Counter(), Engine.step
+
+    def counting(engine):
+        plan, finished = real_step(engine)
+        taken[engine.policy_name] += not plan.is_empty
+        return plan, finished
+    monkeypatch.setattr(Engine, "step", counting)
+    out = tmp_path / "serve.json"
+    assert bench.main(["serve", "--model-shape", "tiny", "--device", "cpu", "--workload", "chat",
+                       "--num-requests", "3", "--length-scale", "0.05", "--max-records", "2",
+                       "--policies", "gpu-only,apex", "--json", str(out), "--no-progress",
+                       "--no-warmup", "--torch-threads", "1"]) == 0
+    rows = json.loads(out.read_text())["policies"]
+    assert taken["gpu-only"] > 4 and taken["apex"] > 4            # well past max_records
+    for name, row in rows.items():
+        assert row["iterations"] == taken[name], name
+    assert rows["apex"]["predictor_error"]["n"] == taken["apex"]

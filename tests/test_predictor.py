@@ -421,3 +421,21 @@ def test_profile_and_report_on_cuda(tmp_path):
     assert report["profile_key"]["device"] == "cuda" and report["n"] > 0
     print(f"predictor on {report['profile_key']['device_name']}: median error "
           f"{100 * report['median_rel_error']:.1f}%")
+
+
+def test_error_report_skips_non_finite_times():
+    """A NaN or infinite measured time, or a non-finite prediction, is skipped like a zero one:
+    one such record would otherwise turn the median and p90 into NaN or inf."""
+    pred = Predictor(sample_profile())
+    shape = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024)
+    t = pred.iteration_time(shape, Strategy.GPU_ONLY)
+    good = Rec(shape, Strategy.GPU_ONLY, t / 1.25)                          # e = 0.25
+    bad = [Rec(shape, Strategy.GPU_ONLY, m) for m in (float("nan"), float("inf"), 0.0, -1.0)]
+    for predicted in (float("nan"), float("inf")):
+        rec = Rec(shape, Strategy.GPU_ONLY, t)
+        rec.plan.predicted_s = predicted
+        bad.append(rec)
+    report = pred.error_report([good, *bad])
+    assert report["n"] == report["tables_only"]["n"] == 1
+    assert report["median_rel_error"] == pytest.approx(0.25)
+    assert report["by_strategy"]["gpu-only"]["p90_rel_error"] == pytest.approx(0.25)

@@ -161,3 +161,38 @@ def test_trace_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="length-scale"):
         workloads.check_fits(workloads.synthetic("chat", 3), 100)
     assert math.isinf(workloads.synthetic.__defaults__[0])
+
+
+def strict_json(text: str):
+    """json.loads that refuses Infinity and NaN, as jq and JavaScript's JSON.parse do."""
+    def refuse(name):
+        raise ValueError(f"not standard JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_report_json_is_standard_for_an_infinite_rate(tmp_path):
+    """The default rate is inf (every request at t = 0): written null, not Infinity, and so is
+    any other non-finite figure."""
+    from apex_mini import metrics
+    out = tmp_path / "sim.json"
+    assert main(["--num-requests", "3", "--policies", "gpu-only", "--json", str(out),
+                 "--no-progress"]) == 0
+    rep = strict_json(out.read_text())
+    assert rep["workload"]["rate"] is None
+    assert "every request at t = 0" in metrics.markdown(rep)
+    from apex_mini.cli import json_text
+    assert strict_json(json_text({"x": [math.nan, 1.5], "y": {"z": -math.inf}})) == \
+        {"x": [None, 1.5], "y": {"z": None}}
+
+
+def test_num_requests_must_be_positive_for_a_trace(tmp_path):
+    """0 or a negative count is an error, not "every request"; None keeps meaning all."""
+    path = tmp_path / "trace.jsonl"
+    path.write_text('{"arrival_s": 0, "prompt_len": 3, "output_len": 2}\n' * 3)
+    assert len(workloads.load_trace(path, None)) == 3
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="--num-requests must be at least 1"):
+            workloads.load_trace(path, n)
+        with pytest.raises(ValueError, match="--num-requests must be at least 1"):
+            workloads.make_workload("trace", n, trace=str(path))
+    assert len(workloads.make_workload("trace", None, trace=str(path))) == 3

@@ -24,7 +24,7 @@ def files(tmp_path):
     """Placeholders in argv -> paths: {dir} a folder, {file} a plain text file, {list} a JSON
     list, {obj} a JSON object of no known kind, {old} a profile of another version, {report} a
     bench serve report of static only, {none} a path that does not exist, {hw0} hardware with
-    0 host cores."""
+    0 host cores, {trace} a valid two-request trace."""
     (tmp_path / "file.txt").write_text("not json\n")
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "obj.json").write_text('{"a": 1}')
@@ -35,10 +35,12 @@ def files(tmp_path):
     hw = Hardware(GPUS["t4"], HOSTS["server-ddr4"]).to_dict()
     hw["host"]["cores"] = 0
     (tmp_path / "hw0.json").write_text(json.dumps(hw))
+    request = json.dumps({"arrival_s": 0, "prompt_len": 3, "output_len": 2})
+    (tmp_path / "trace.jsonl").write_text(f"{request}\n" * 2)
     names = {"dir": tmp_path, "file": tmp_path / "file.txt", "list": tmp_path / "list.json",
              "obj": tmp_path / "obj.json", "old": tmp_path / "old.json",
              "report": tmp_path / "report.json", "none": tmp_path / "none.json",
-             "hw0": tmp_path / "hw0.json"}
+             "hw0": tmp_path / "hw0.json", "trace": tmp_path / "trace.jsonl"}
 
     def fill(argv: list[str]) -> list[str]:
         return [a.format(**{k: str(v) for k, v in names.items()}) for a in argv]
@@ -93,6 +95,10 @@ def one_line_error(main, argv, capsys, *words):
     (["--compare-to", "{report}"], ("--compare-to", "static", "none of --policies gpu-only")),
     (["--workload", "trace", "--trace", "{dir}"], ("--trace", "folder", "JSONL")),
     (["--workload", "trace", "--trace", "{none}"], ("--trace", "no such file")),
+    (["--workload", "trace", "--trace", "{trace}", "--num-requests", "0"],
+     ("--num-requests", "at least 1")),
+    (["--workload", "trace", "--trace", "{trace}", "--num-requests", "-3"],
+     ("--num-requests", "at least 1")),
     (["--gpu", "custom", "--hardware", "{dir}"], ("--hardware", "folder")),
     (["--gpu", "custom", "--hardware", "{hw0}"], ("hw0.json", "cores=0")),
     # policies, each once; capacity hints in this tool's own flags
@@ -118,6 +124,9 @@ def test_simulate_zero_where_zero_means_none_runs(tmp_path, capsys):
     (["--plot", "{dir}"], ("--plot", "folder")),
     (["--policies", "gpu-only,gpu-only"], ("--policies", "more than once", "--repeats")),
     (["--workload", "trace", "--trace", "{dir}"], ("--trace", "folder")),
+    (["--workload", "trace", "--trace", "{trace}", "--num-requests", "0"],
+     ("--num-requests", "at least 1")),
+    (["--num-requests", "0"], ("--num-requests", "at least 1")),
     (["--gpu-kv-blocks", "2", "--length-scale", "0.1", "--no-warmup"],
      ("--length-scale", "--gpu-kv-blocks")),
 ])
