@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import GATHER_BYTES, rows_per_gather
+
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor) -> None:
@@ -28,9 +30,18 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_sta
     """Causal attention of one sequence's chunk.
 
     q [n, H, D] holds positions ctx_start .. ctx_start+n-1; k, v [ctx_start+n, KVH, D] hold the
-    whole context so far. Query i sees keys 0 .. ctx_start+i.
+    whole context so far. Query i sees keys 0 .. ctx_start+i. Where the scores could pass
+    GATHER_BYTES (no fused kernel takes this shape and they are materialized in fp32), the
+    queries go in slices, each attending as a chunk of its own.
     """
     n, ctx = q.shape[0], k.shape[0]
+    scores = q.shape[1] * n * ctx * 4           # bytes of fp32 scores, if no fused kernel runs
+    if n > 1 and scores > GATHER_BYTES:
+        # Queries in slices, each one a chunk of its own: rows a..b see keys 0..ctx_start+b.
+        step = max(1, n * GATHER_BYTES // scores)
+        return torch.cat([prefill_attention(q[a:a + step], k[:ctx_start + a + step],
+                                            v[:ctx_start + a + step], ctx_start + a, scale)
+                          for a in range(0, n, step)])
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)   # [heads, len, D]
     if ctx_start == 0:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
@@ -49,12 +60,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float) -> torch.Tensor:
     """One new token per sequence against its paged context.
 
-    q [B, H, D]; block_tables [B, max_blocks]; context_lens [B] (>= 1). Static shapes for a
-    given (B, max_blocks), so the same code is captured in CUDA graphs.
+    q [B, H, D]; block_tables [B, max_blocks]; context_lens [B] (>= 1). Rows go in chunks
+    whose gathered K stays within GATHER_BYTES (kv_cache.rows_per_gather).
     """
     B, H, D = q.shape
     KVH = k_cache.shape[2]
     G = H // KVH
+    rows = rows_per_gather(B, block_tables.shape[1], k_cache[0].numel() * k_cache.element_size(),
+                           GATHER_BYTES)
+    if rows < B:                                             # bounded gathers: rows in chunks
+        return torch.cat([paged_decode_attention(q[r:r + rows], k_cache, v_cache,
+                                                 block_tables[r:r + rows],
+                                                 context_lens[r:r + rows], scale)
+                          for r in range(0, B, rows)])
     k = k_cache[block_tables].flatten(1, 2)                  # [B, ctx_max, KVH, D]
     v = v_cache[block_tables].flatten(1, 2)                  # [B, ctx_max, KVH, D]
     qg = q.view(B, KVH, G, D)                                # [B, KVH, G, D]

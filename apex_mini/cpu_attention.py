@@ -246,11 +246,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 # ------------------------------------------------------------------------------------ worker
 
-def _init_thread(intra_op_threads: int) -> None:
-    """A worker thread's torch thread count. Per calling thread under OpenMP; set only when it
-    changes something, because it also becomes the default for threads started later."""
+def _init_thread(intra_op_threads: int, cuda_device: torch.device | None) -> None:
+    """A worker thread's torch thread count (per calling thread under OpenMP; set only when it
+    changes something, because it also becomes the default for threads started later) and, for
+    an engine on a GPU, its current CUDA device (per thread too; else pinning a result would
+    start a CUDA context on cuda:0 for an engine on cuda:1)."""
     if torch.get_num_threads() != intra_op_threads:
         torch.set_num_threads(intra_op_threads)
+    if cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
 
 
 def split_by_tokens(context_lens: torch.Tensor, parts: int) -> list[tuple[int, int]]:
@@ -293,6 +297,8 @@ class CPUAttentionWorker:
     those tasks write are freed); close() lets queued tasks finish and joins every thread, and
     the threads also end when an unclosed worker is garbage-collected.
 
+    `device` is the engine's: on a GPU each thread makes it its current CUDA device.
+
     Torch ops inside a task use `intra_op_threads` OpenMP threads each. The default leaves one
     thread's worth to the main thread and divides the rest among the workers: (torch threads -
     1) // num_threads, at least 1. On the 2-core machine of docs/benchmarks.md, a worker whose
@@ -304,7 +310,8 @@ class CPUAttentionWorker:
 
     _count = 0  # instances made, to give each one's threads a distinct name
 
-    def __init__(self, num_threads: int = 1, intra_op_threads: int | None = None):
+    def __init__(self, num_threads: int = 1, intra_op_threads: int | None = None,
+                 device: torch.device | str | None = None):
         if num_threads < 1:
             raise ValueError(f"num_threads={num_threads} must be at least 1")
         CPUAttentionWorker._count += 1
@@ -313,8 +320,10 @@ class CPUAttentionWorker:
         self.thread_name_prefix = f"apex-cpu-attn-{CPUAttentionWorker._count}"
         # The initializer must not hold `self`: the pool's threads would then keep the worker,
         # and so the pool, alive forever, and an unclosed worker's threads would never end.
+        device = torch.device(device) if device is not None else None
+        cuda_device = device if device is not None and device.type == "cuda" else None
         self._pool = ThreadPoolExecutor(num_threads, self.thread_name_prefix, _init_thread,
-                                        (self.intra_op_threads,))
+                                        (self.intra_op_threads, cuda_device))
         self._pending: set[Future] = set()
         self._pending_lock = threading.Lock()
 

@@ -16,7 +16,11 @@ A graph replays fixed pointers and fixed shapes. So:
   (cuBLAS workspaces, torch.compile, the allocator's first allocations must not happen inside
   a capture);
 - all graphs allocate from one shared memory pool. That is safe because a graph's output
-  (the logits) is read before the next replay, and replays never overlap.
+  is read before the next replay, and replays never overlap;
+- a graph stops at the final norm: its output, kept for as long as the graph, is the hidden
+  states [B, hidden], and the LM head runs after the replay, on the real rows only. Graphs
+  holding [B, vocab] fp32 logits would keep 2.2 GB for Llama-3's vocabulary over the
+  (batch, width) buckets of 256 requests of 4k tokens; two launches more per step.
 
 The KV pool and the weights are read and written in place, never reallocated, so their
 addresses stay valid for every captured graph. Only decode-only, device-only steps are
@@ -38,12 +42,12 @@ WARMUP_RUNS = 2
 class CapturedStep:
     graph: torch.cuda.CUDAGraph
     packed: torch.Tensor          # [B * (4 + W)] static device input, read by the graph
-    logits: torch.Tensor          # [B, vocab] static output, rewritten by every replay
+    hidden: torch.Tensor          # [B, hidden] static output (final-normed), rewritten by replays
 
 
 class CudaGraphDecoder:
     """`run(inputs) -> logits [num_seqs, vocab]`, replaying a graph captured per
-    `inputs.key` = (batch size, block-table width). The logits are valid until the next run."""
+    `inputs.key` = (batch size, block-table width)."""
 
     def __init__(self, step: DecodeStep):
         if step.device.type != "cuda":
@@ -58,9 +62,15 @@ class CudaGraphDecoder:
             entry = self.captured[inputs.key] = self.capture(*inputs.key)
         entry.packed.copy_(inputs.packed, non_blocking=True)   # pinned host -> static buffer
         entry.graph.replay()
-        return entry.logits[:inputs.num_seqs]
+        return self.step.head(entry.hidden[:inputs.num_seqs])     # [num_seqs, vocab]
 
     def capture(self, batch_size: int, width: int) -> CapturedStep:
+        # On the step's device: a capture stream on another device (the current one, cuda:0,
+        # for a model on cuda:1) would record nothing of the step's kernels.
+        with torch.cuda.device(self.step.device):
+            return self._capture(batch_size, width)
+
+    def _capture(self, batch_size: int, width: int) -> CapturedStep:
         step = self.step
         packed = torch.empty(batch_size * (4 + width), dtype=torch.long, device=step.device)
         ids, positions, slots, context_lens, tables = DecodeInputs.views(packed, batch_size, width)
@@ -76,15 +86,15 @@ class CudaGraphDecoder:
         side.wait_stream(torch.cuda.current_stream(step.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):
-                step.run(*args)
+                step.run_hidden(*args)
         torch.cuda.current_stream(step.device).wait_stream(side)
 
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = step.run(*args)                     # [B, vocab]
+        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(step.device)):
+            hidden = step.run_hidden(*args)              # [B, hidden]
         if self.pool is None:
             self.pool = graph.pool()
-        return CapturedStep(graph, packed, logits)
+        return CapturedStep(graph, packed, hidden)
 
     @property
     def num_graphs(self) -> int:

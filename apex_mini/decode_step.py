@@ -23,7 +23,11 @@ this leaner function instead:
   off).
 - Attention is one `scaled_dot_product_attention` call over the gathered context, with the G
   query heads of each KV head laid out as G query positions, so grouped-query attention needs
-  no repeated K/V and no `enable_gqa` path.
+  no repeated K/V and no `enable_gqa` path. The gather pads every row to the batch's widest
+  block table, so B * W blocks can outgrow the pool itself (256 rows padded to one 4k-token
+  request: 8 GiB per layer for Llama-2-7B's K alone). Past `GATHER_BYTES` the rows are
+  attended in chunks that each gather at most that much: a bound the engine's memory reserve
+  can count on (device_memory.py).
 - No Python branches on data: for a given (batch, width) shape the same ops run in the same
   order. That is what lets `torch.compile` trace it once and CUDA graphs replay it.
 
@@ -40,9 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from .batch import DecodeInputs
-from .kv_cache import GatherBuffers, KVPool, gather_blocks
+from .kv_cache import GATHER_BYTES, GatherBuffers, KVPool, gather_blocks, rows_per_gather
 from .packed_linear import StackedLinear, should_prepack
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """model.RMSNorm without the module call, same bits.
@@ -101,12 +104,18 @@ class DecodeStep:
         # its own buffers).
         self.buffers = GatherBuffers() if self.device.type == "cpu" and not compile else None
         self.cache_like = pool.layer(0)[0]                 # the block shape the buffers hold
+        self.block_bytes = self.cache_like[0].numel() * self.cache_like.element_size()
+        self.gather_bytes = GATHER_BYTES
         # The first shape compiles static, a second shape recompiles once with dynamic sizes.
         # On the CPU the generated code's wrapper is C++ too (cpp_wrapper): a Python wrapper
         # costs ~0.2 ms per step, which is a quarter of a small model's whole step.
         # Nothing global is changed.
         options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
         self.run = torch.compile(self.forward, options=options) if compile else self.forward
+        # What CUDA graphs capture: the step up to the final norm (cuda_graphs.py). Compiled
+        # lazily, on its first call, so only if graphs use it.
+        self.run_hidden = (torch.compile(self.hidden_states, options=options) if compile
+                           else self.hidden_states)
 
     # ------------------------------------------------------------------ the step
 
@@ -118,6 +127,15 @@ class DecodeStep:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 context_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden_states(input_ids, positions, slots, context_lens, block_tables))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, hidden] -> logits [B, vocab] (fp32)."""
+        return self.lm_head(hidden).float()
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                      context_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """The step up to the LM head: final-normed hidden states [B, hidden]."""
         B, W = block_tables.shape
         H, KVH, D = self.H, self.KVH, self.D
         ctx = W * self.block_size
@@ -134,8 +152,9 @@ class DecodeStep:
         mask = torch.where(visible, 0.0, float("-inf")).to(hidden.dtype)
         mask = mask[:, None, None, :]                                      # [B, 1, 1, ctx]
         blocks = block_tables.flatten()                                    # [B * W]
-        k_out, v_out = (self.buffers.take(self.cache_like, B * W) if self.buffers is not None
-                        else (None, None))                                 # [B * W, block_size, KVH, D]
+        chunk = rows_per_gather(B, W, self.block_bytes, self.gather_bytes)
+        k_out, v_out = (self.buffers.take(self.cache_like, chunk * W) if self.buffers is not None
+                        else (None, None))                                 # [chunk * W, block_size, KVH, D]
         for ln1, qkv_proj, o_proj, ln2, gate_up_proj, down_proj, k_cache, v_cache in self.layers:
             x = rms_norm(hidden, ln1, self.eps)                            # [B, hidden]
             qkv = qkv_proj(x).view(B, H + 2 * KVH, D)                      # q heads, k heads, v heads
@@ -145,13 +164,27 @@ class DecodeStep:
             # Append this step's K/V, then gather each row's whole context (this row included).
             k_cache.view(-1, KVH, D).index_copy_(0, slots, k)
             v_cache.view(-1, KVH, D).index_copy_(0, slots, v)
-            k_ctx = gather_blocks(k_cache, blocks, k_out).view(B, ctx, KVH, D).transpose(1, 2)  # [B, KVH, ctx, D]
-            v_ctx = gather_blocks(v_cache, blocks, v_out).view(B, ctx, KVH, D).transpose(1, 2)  # [B, KVH, ctx, D]
-            # The G query heads that share a KV head act as G query positions of one head.
-            out = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), k_ctx, v_ctx,
-                                                 attn_mask=mask, scale=self.scale)      # [B, KVH, G, D]
+            q = q.reshape(B, KVH, H // KVH, D)                             # [B, KVH, G, D]
+            if chunk == B:
+                out = self.attend(q, k_cache, v_cache, blocks, mask, k_out, v_out)
+            else:                                                          # bounded gathers
+                out = torch.cat([self.attend(q[r:r + chunk], k_cache, v_cache,
+                                             blocks[r * W:(r + chunk) * W], mask[r:r + chunk],
+                                             k_out, v_out)
+                                 for r in range(0, B, chunk)])             # [B, KVH, G, D]
             hidden = hidden + o_proj(out.reshape(B, H * D))                # [B, hidden]
             gate, up = gate_up_proj(rms_norm(hidden, ln2, self.eps)).chunk(2, dim=-1)  # [B, inter] x2
             hidden = hidden + down_proj(F.silu(gate) * up)
-        hidden = rms_norm(hidden, self.final_norm, self.eps)
-        return self.lm_head(hidden).float()                                # [B, vocab]
+        return rms_norm(hidden, self.final_norm, self.eps)                 # [B, hidden]
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               blocks: torch.Tensor, mask: torch.Tensor, k_out, v_out) -> torch.Tensor:
+        """Decode attention of b rows: q [b, KVH, G, D], blocks [b * W] (their block tables),
+        mask [b, 1, 1, ctx]; gathers into k_out/v_out when given. -> [b, KVH, G, D]."""
+        b, KVH, _, D = q.shape
+        n = blocks.shape[0]
+        k_out, v_out = (k_out[:n], v_out[:n]) if k_out is not None else (None, None)
+        k_ctx = gather_blocks(k_cache, blocks, k_out).view(b, -1, KVH, D).transpose(1, 2)  # [b, KVH, ctx, D]
+        v_ctx = gather_blocks(v_cache, blocks, v_out).view(b, -1, KVH, D).transpose(1, 2)  # [b, KVH, ctx, D]
+        # The G query heads that share a KV head act as G query positions of one head.
+        return F.scaled_dot_product_attention(q, k_ctx, v_ctx, attn_mask=mask, scale=self.scale)

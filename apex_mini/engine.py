@@ -16,6 +16,7 @@ from .config import EngineConfig
 from .cost_tables import BatchShape
 from .cpu_attention import CPUAttentionWorker, compile_enabled, precompile
 from .decode_step import DecodeStep
+from .device_memory import activation_reserve
 from .kv_cache import BlockManager, KVPool
 from .plan import Plan
 from .policies import make_policy
@@ -26,7 +27,6 @@ from .sequence import CPU, GPU, Sequence
 from .streams import Streams
 from .weights import resolve_device, resolve_dtype
 
-ACTIVATION_RESERVE_BYTES = 512 << 20     # device memory kept free for activations and graphs
 CPU_DEVICE_KV_BYTES = 1 << 30            # device-tier KV budget when the "device" is the CPU
 
 
@@ -49,6 +49,7 @@ class Engine:
                                  mc.max_position_embeddings)
         self.policy_name = resolve_policy(cfg.policy, self.device)
         self.streams = Streams(self.device)
+        self.reserve: dict[str, int] | None = None   # set where free memory sizes the pool
         self._build_cache()
         # One decode step per engine, shared by its runners (the profiler's too): its packed
         # weights are a copy, and its compiled graph or weight packing need doing only once.
@@ -62,7 +63,7 @@ class Engine:
         eos = tokenizer.eos_ids if tokenizer is not None else mc.eos_token_ids
         self.scheduler = Scheduler(self.policy, self.gpu_blocks, self.cpu_blocks, cfg.max_num_seqs,
                                    cfg.max_num_batched_tokens, self.max_model_len, tuple(eos))
-        self.worker = CPUAttentionWorker(cfg.cpu_threads)
+        self.worker = CPUAttentionWorker(cfg.cpu_threads, device=self.device)
         self.runner = self.make_runner(self.worker)
         if self.policy.uses_host and self.runner.compile_cpu_attention:
             # The host kernel's graphs now, on the worker (its guards include the thread's
@@ -82,8 +83,11 @@ class Engine:
         most = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
         gpu_blocks = cfg.gpu_kv_blocks or min(most, self._device_kv_bytes() // per_block)
         if gpu_blocks < 1:
-            raise ValueError("no device memory is left for the KV cache; raise --gpu-memory-gb "
-                             "or pass --gpu-kv-blocks")
+            reserve = (f" and a {self.reserve['total'] / 2**30:.2f} GiB activation reserve (it "
+                       f"grows with --max-num-seqs and --max-num-batched-tokens)"
+                       if self.reserve else "")
+            raise ValueError(f"no device memory is left for the KV cache after the weights{reserve}; "
+                             f"raise --gpu-memory-gb or pass --gpu-kv-blocks")
         uses_host = self.policy_name != "gpu-only"
         cpu_blocks = cfg.cpu_kv_blocks or min(most, int(cfg.cpu_kv_gb * (1 << 30)) // per_block)
         if uses_host and cpu_blocks < 1:
@@ -119,10 +123,15 @@ class Engine:
         if self.device.type != "cuda":
             limit = self.cfg.gpu_memory_gb
             return int(limit * (1 << 30)) - weights if limit else CPU_DEVICE_KV_BYTES
+        cfg = self.cfg
+        # Kept free for what iterations allocate and release (device_memory.py).
+        self.reserve = activation_reserve(
+            self.model_config, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+            cfg.block_size, self.dtype.itemsize, cfg.cuda_graphs)
         free, _ = torch.cuda.mem_get_info(self.device)
-        budget = free - ACTIVATION_RESERVE_BYTES
-        if self.cfg.gpu_memory_gb:
-            budget = min(budget, int(self.cfg.gpu_memory_gb * (1 << 30)) - weights - ACTIVATION_RESERVE_BYTES)
+        budget = free - self.reserve["total"]
+        if cfg.gpu_memory_gb:
+            budget = min(budget, int(cfg.gpu_memory_gb * (1 << 30)) - weights - self.reserve["total"])
         return max(0, budget)
 
     # ---------------------------------------------------------------- requests

@@ -12,6 +12,7 @@ as `[num_blocks * block_size, num_kv_heads, head_dim]`.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 
@@ -78,10 +79,33 @@ class BlockManager:
                 f"{self.name}: seq {seq_id} holds {len(table)} blocks for {self.num_tokens[seq_id]} tokens"
 
 
+def pin_in_place(t: torch.Tensor) -> None:
+    """Page-lock a contiguous host tensor's memory where it lies (cudaHostRegister), so that
+    copies to and from the GPU can be asynchronous. Raises OSError where CUDA refuses.
+
+    `pin_memory=True` would do it through torch's caching host allocator, which rounds every
+    allocation up to a power of two: a 300 MB layer of a 7B model's host pool would hold 512 MB
+    of page-locked RAM, up to 2x the `cpu_kv_gb` asked for."""
+    nbytes = t.numel() * t.element_size()
+    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
+    if err:
+        raise OSError(f"CUDA could not page-lock {nbytes / 2**20:.0f} MiB of host memory for the "
+                      f"host KV pool (cudaError {err}); lower --cpu-kv-gb or --cpu-kv-blocks")
+
+
+def unpin(pointers: list[int]) -> None:
+    """Undo `pin_in_place` for these data pointers (errors ignored: this runs in finalizers)."""
+    for ptr in pointers:
+        try:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        except (AttributeError, RuntimeError):
+            pass
+
+
 class KVPool:
     """The tensors behind one tier: for every layer, one K and one V tensor of
     [num_blocks, block_size, num_kv_heads, head_dim]. Host pools are pinned when CUDA is
-    present, so copies to and from the device can be asynchronous.
+    present (`pin`), so copies to and from the device can be asynchronous.
 
     Separate tensors, not views of one big one, because torch.compile must be able to write a
     layer's K in place: Inductor copies a whole tensor before writing into one that aliases
@@ -91,10 +115,29 @@ class KVPool:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device | str, pin: bool = False):
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
-        self.layers = [tuple(torch.zeros(num_blocks, block_size, num_kv_heads, head_dim,
-                                         dtype=dtype, device=device, pin_memory=pin)
-                             for _kv in range(2))
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        if not pin:
+            self.layers = [tuple(torch.zeros(shape, dtype=dtype, device=device) for _kv in range(2))
+                           for _layer in range(num_layers)]
+            return
+        # Pinned host pool: page-locked in place, at its exact size (see `pin_in_place`).
+        self.layers = [tuple(torch.zeros(shape, dtype=dtype) for _kv in range(2))
                        for _layer in range(num_layers)]
+        registered: list[int] = []
+        try:
+            for kv in self.layers:
+                for t in kv:
+                    pin_in_place(t)
+                    registered.append(t.data_ptr())
+        except AttributeError:      # a torch without the cudart binding: its own allocator
+            unpin(registered)
+            self.layers = [tuple(t.pin_memory() for t in kv) for kv in self.layers]
+            registered = []
+        except OSError:
+            unpin(registered)
+            raise
+        # Unregistered when the pool is collected, before its tensors' memory is freed.
+        weakref.finalize(self, unpin, registered)
 
     @property
     def device(self) -> torch.device:
@@ -149,6 +192,18 @@ class GatherBuffers(threading.local):
                                  device=cache.device)
             self.v = torch.empty_like(self.k)
         return self.k[:num_blocks], self.v[:num_blocks]
+
+
+# Most bytes one layer's decode attention gathers (K; as much again for V), or its prefill
+# attention's scores hold, at once: a bound the engine's memory reserve counts on.
+GATHER_BYTES = 256 << 20
+
+
+def rows_per_gather(batch: int, width: int, block_bytes: int, limit: int = GATHER_BYTES) -> int:
+    """Rows whose gathered context (width blocks of block_bytes each) fits in `limit` bytes:
+    all `batch` rows when they fit, else the largest power of two that does (at least 1)."""
+    fits = max(1, limit // max(1, width * block_bytes))
+    return batch if fits >= batch else 1 << (fits.bit_length() - 1)
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor,

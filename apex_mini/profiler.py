@@ -156,6 +156,7 @@ class Timer:
     otherwise. `total()` syncs once and returns the sum."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.events: list = []
         self.seconds = 0.0
@@ -163,9 +164,10 @@ class Timer:
     def __call__(self, fn, *args):
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            stream = torch.cuda.current_stream(self.device)   # the model's device, even cuda:1
+            start.record(stream)
             out = fn(*args)
-            end.record()
+            end.record(stream)
             self.events.append((start, end))
             return out
         t0 = time.perf_counter()
@@ -318,7 +320,7 @@ class Profiler:
     def run(self, grid: Grid = QUICK) -> Profile:
         from .cpu_attention import CPUAttentionWorker
         bs = self.block_size
-        worker = CPUAttentionWorker(self.cpu_threads)
+        worker = CPUAttentionWorker(self.cpu_threads, device=self.device)
         one_block = KVPool.bytes_per_block(1, bs, self.mc.num_key_value_heads, self.mc.head_dim,
                                            self.dtype)
         decode = [(n, kv) for n in grid.seqs for kv in grid.kv if kv % (n * bs) == 0]
@@ -422,7 +424,7 @@ def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
         for i, s in enumerate(seqs):
             tables[GPU][s.seq_id] = [(i * width + j) % blocks for j in range(width)]
         plans.append(Plan(gpu_decodes=seqs))
-    worker = CPUAttentionWorker(engine.cfg.cpu_threads)
+    worker = CPUAttentionWorker(engine.cfg.cpu_threads, device=engine.device)
     try:
         runner = engine.make_runner(worker)
         times = _time_plans(runner, plans, tables, grid.repeats)
@@ -456,7 +458,7 @@ def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strateg
     prompt_blocks = [b % engine.gpu_blocks.num_blocks for b in range(PROMPT_CALIBRATION_BLOCKS)]
     tables = {GPU: {**{s.seq_id: [0] for p in plans for s in p.gpu_decodes},
                     **{s.seq_id: prompt_blocks for p in plans for s, _ in p.prefills}}}
-    worker = CPUAttentionWorker(engine.cfg.cpu_threads)
+    worker = CPUAttentionWorker(engine.cfg.cpu_threads, device=engine.device)
     try:
         runner = engine.make_runner(worker)
         times = _time_plans(runner, plans, tables, repeats)

@@ -205,9 +205,11 @@ class ModelRunner:
             return
         s = self.streams
         with s.on_copy():
-            up = host_out.to(self.device, non_blocking=s.is_cuda)
+            up = host_out.to(self.device, non_blocking=s.is_cuda)   # [Bc, H, D]
             arrived = s.record(s.copy)
         s.compute_waits_for(arrived)
+        if s.is_cuda:      # made on the copy stream, read on the compute one: not reused before
+            up.record_stream(torch.cuda.current_stream(self.device))
         out[g.rows] = up
 
     def _stamp(self, what: str, layer_idx: int) -> None:

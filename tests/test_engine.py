@@ -324,3 +324,45 @@ def test_a_closed_engine_takes_no_steps(mha_ckpt):
     llm.close()
     with pytest.raises(RuntimeError, match="engine is closed"):
         llm.generate([[1, 5]], GREEDY)
+
+
+# ------------------------------------------------------------------ the device memory reserve
+
+def test_activation_reserve_adds_up_its_worst_cases():
+    """device_memory.activation_reserve, term by term, for Llama-2-7B in fp16 and the default
+    options (256 requests, 2048 tokens an iteration, 4k context, blocks of 16)."""
+    from apex_mini.device_memory import RUNTIME_BYTES, activation_reserve
+    from apex_mini.kv_cache import GATHER_BYTES
+    from apex_mini.weights import MODEL_SHAPES
+    mc = MODEL_SHAPES["llama2-7b"]
+    r = activation_reserve(mc, 256, 2048, 4096, 16, 2, cuda_graphs=True)
+    # 256 rows x 256 blocks of 16 x 32 heads x 128 x 2 bytes is 8 GiB of K: bounded, K and V.
+    assert r["attention"] == 2 * GATHER_BYTES
+    assert r["tokens"] == 2048 * (3 * 4096 + 2 * 96 * 128 + 32 * 128 + 4 * 11008) * 2
+    assert r["logits"] == 256 * 32000 * (2 + 4 + 4)
+    assert r["graphs"] == (1 + 2 + 4 + 8 + 16 + 32 + 64 + 128 + 256) * 9 * 4096 * 2
+    assert r["total"] == sum(v for k, v in r.items() if k != "total")
+    assert 1 << 30 < r["total"] < 2 << 30
+    # Fewer requests and tokens, no graphs: less; the whole gather when under the bound.
+    small = activation_reserve(mc, 8, 256, 1024, 16, 2, cuda_graphs=False)
+    assert small["graphs"] == 0 and small["attention"] == 2 * 8 * 64 * 16 * 32 * 128 * 2
+    assert RUNTIME_BYTES < small["total"] < r["total"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_iterations_fit_in_the_reserve(gqa_llama3_ckpt):
+    """What iterations allocate beyond the weights and pools (prefill chunks, decode gathers,
+    graphs, sampling) stays within the reserve the pool was sized with."""
+    llm = LLM(gqa_llama3_ckpt, device="cuda", dtype="float32", policy="gpu-only",
+              max_num_seqs=16, max_num_batched_tokens=256, cuda_graphs=True)
+    engine = llm.engine
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(engine.device)
+    torch.cuda.reset_peak_memory_stats(engine.device)
+    prompts = mixed_prompts(384, (200, 90, 33, 7, 150, 64, 12, 100))
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    peak = torch.cuda.max_memory_allocated(engine.device) - base
+    llm.close()
+    from apex_mini.device_memory import RUNTIME_BYTES
+    assert engine.reserve is not None and 0 < peak <= engine.reserve["total"] - RUNTIME_BYTES

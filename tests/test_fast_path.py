@@ -8,9 +8,10 @@ import os
 import pytest
 import torch
 
-from apex_mini import LLM, SamplingParams, packed_linear
+from apex_mini import LLM, SamplingParams, decode_step, packed_linear
 from conftest import mixed_prompts, run_greedy
 from apex_mini.batch import DecodeInputs, build_decode_inputs
+from apex_mini.kv_cache import GATHER_BYTES, rows_per_gather
 from apex_mini.sequence import GPU, Sequence
 
 os.environ.setdefault("APEX_MINI_EAGER_CPU_ATTENTION", "1")   # compile time is not under test here
@@ -77,6 +78,47 @@ def test_decode_step_matches_layer_loop(gqa_llama3_ckpt, prepack):
     llm.close()
     assert fast.shape == slow.shape == (3, 384)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_per_gather_bounds_the_gathered_bytes():
+    assert rows_per_gather(8, 4, 100, limit=4000) == 8               # all fit: one call
+    assert rows_per_gather(16, 4, 100, limit=4000) == 8              # 10 fit: a power of two
+    assert rows_per_gather(5, 4, 100, limit=1200) == 2
+    assert rows_per_gather(4, 64, 100, limit=10) == 1                # never below one row
+    for batch, width, block in ((256, 256, 128 << 10), (64, 512, 32 << 10), (3, 7, 1000)):
+        rows = rows_per_gather(batch, width, block)
+        assert 1 <= rows <= batch and (rows == 1 or rows * width * block <= GATHER_BYTES)
+
+
+def test_decode_attention_in_row_chunks_matches_one_call(gqa_llama3_ckpt):
+    """Past GATHER_BYTES the step attends in row chunks: the same logits as one call, down to
+    one row per chunk, and the same tokens over a whole mixed run."""
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only")
+    engine, step = llm.engine, llm.engine.decode_step
+    for ids in mixed_prompts(384, (7, 20, 40)):
+        engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    engine.step()                                      # the prefills
+    plan = engine.scheduler.schedule()
+    inputs = build_decode_inputs(plan.gpu_decodes, engine.block_tables()[GPU],
+                                 engine.cfg.block_size, engine.scratch_block, True, pin=False)
+    B, W = inputs.key
+    with torch.inference_mode():
+        whole = step(inputs).clone()
+        chunked = {}
+        for rows in (2, 1):
+            step.gather_bytes = rows * W * step.block_bytes
+            assert rows_per_gather(B, W, step.block_bytes, step.gather_bytes) == rows
+            chunked[rows] = step(inputs).clone()
+    llm.close()
+    for logits in chunked.values():
+        torch.testing.assert_close(logits, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_decode_same_tokens(gqa_llama3_ckpt, reference, monkeypatch):
+    monkeypatch.setattr(decode_step, "GATHER_BYTES", 1)           # one row per chunk
+    tokens, engine = generate(gqa_llama3_ckpt, policy="gpu-only", bucket_decode=True)
+    assert engine.decode_step.gather_bytes == 1 and engine.runner.decode_shapes
+    assert tokens == reference
 
 
 def test_context_buffers_are_reused_and_grow(gqa_llama3_ckpt):
@@ -331,3 +373,16 @@ def test_cpu_attention_overlaps_gpu_work(gqa_llama3_ckpt):
     assert overlapped
     assert sum(overlapped) >= 0.5 * len(overlapped)
     assert runner.graphs.num_graphs >= 1              # device-only steps did replay graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_second_gpu_gives_the_same_tokens(gqa_llama3_ckpt):
+    """On cuda:1 (not the current device) graphs are captured on the model's device, the
+    worker's threads and the profiler's timers use it too: same tokens as on cuda:0."""
+    ref, _ = generate(gqa_llama3_ckpt, "cuda:0", policy="gpu-only", cuda_graphs=True)
+    for options in (dict(policy="gpu-only", cuda_graphs=True),
+                    dict(policy="static", cpu_fraction=0.5, cuda_graphs=True)):
+        tokens, engine = generate(gqa_llama3_ckpt, "cuda:1", **options)
+        assert tokens == ref and engine.device == torch.device("cuda:1")
+    assert torch.cuda.current_device() == 0

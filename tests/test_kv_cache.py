@@ -396,3 +396,66 @@ def test_pool_tensors_share_no_memory():
     assert len({c.untyped_storage().data_ptr() for c in caches}) == 2 * L
     caches[0].fill_(1.0)
     assert all(c.abs().sum() == 0 for c in caches[1:])
+
+
+# ------------------------------------------------------------------ the pinned host pool
+
+class FakeCudart:
+    """Stands in for `torch.cuda.cudart()`: records what is page-locked; the `fail_at`-th
+    register call returns an error code."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.registered: dict[int, int] = {}          # data pointer -> bytes
+        self.calls, self.fail_at = 0, fail_at
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            return 2                                   # cudaErrorMemoryAllocation
+        self.registered[ptr] = nbytes
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        return 0 if self.registered.pop(ptr, None) is not None else 1
+
+
+def test_host_pool_is_page_locked_at_its_exact_size_for_its_lifetime(monkeypatch):
+    """Each layer's K and V is registered where it lies, at exactly its bytes (torch's pinned
+    allocator would round each up to a power of two), and unregistered when the pool goes."""
+    import gc
+    cudart = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    pool = KVPool(L, 5, 4, KVH, D, torch.float16, "cpu", pin=True)
+    caches = [c for kv in pool.layers for c in kv]
+    assert cudart.registered == {c.data_ptr(): 5 * 4 * KVH * D * 2 for c in caches}
+    assert sum(cudart.registered.values()) == 5 * KVPool.bytes_per_block(L, 4, KVH, D, torch.float16)
+    del pool, caches
+    gc.collect()
+    assert cudart.registered == {}
+
+
+def test_host_pool_that_cannot_be_page_locked_says_so_and_releases_what_it_locked(monkeypatch):
+    cudart = FakeCudart(fail_at=3)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    with pytest.raises(OSError, match="could not page-lock .* lower --cpu-kv-gb"):
+        KVPool(L, 5, 4, KVH, D, torch.float16, "cpu", pin=True)
+    assert cudart.registered == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_host_pool_is_pinned_and_moves_exactly():
+    """On a real GPU: the registered host pool counts as pinned, and blocks go down and up
+    through it (asynchronous copies on the copy stream) bit for bit."""
+    streams = Streams(torch.device("cuda"))
+    dev = KVPool(L, 6, 4, KVH, D, torch.float16, "cuda")
+    host = KVPool(L, 6, 4, KVH, D, torch.float16, "cpu", pin=True)
+    assert all(c.is_pinned() for kv in host.layers for c in kv)
+    for kv in dev.layers:
+        for c in kv:
+            c.copy_(torch.randn(c.shape, dtype=c.dtype, device="cuda"))
+    before = dev.read_blocks(torch.arange(6, device="cuda")).cpu()
+    copy_blocks(dev, [0, 3, 5], host, [2, 1, 4], streams)
+    copy_blocks(host, [2, 1, 4], dev, [1, 2, 0], streams)
+    after = dev.read_blocks(torch.arange(6, device="cuda")).cpu()
+    assert torch.equal(after[:, :, [1, 2, 0]], before[:, :, [0, 3, 5]])

@@ -15,7 +15,7 @@ CELL_TIMEOUT_S = 300
 # notebook -> the modules it teaches; a notebook is required once any of them exists.
 PAIRS = {
     "01_llama": ("model.py", "rope.py"),
-    "02_kv_cache": ("kv_cache.py",),
+    "02_kv_cache": ("kv_cache.py", "device_memory.py"),
     "03_cpu_attention": ("cpu_attention.py",),
     "04_overlap": ("streams.py", "runner.py"),
     "05_profiler_predictor": ("profiler.py", "predictor.py", "feedback.py"),
