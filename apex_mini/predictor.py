@@ -46,7 +46,6 @@ from .cost_tables import BatchShape, Profile
 from .feedback import Feedback
 from .plan import Strategy, bucket
 
-PIPELINE_SIM_LAYERS = 4       # the pipeline is periodic after its first layer; extrapolate
 first = operator.itemgetter(0)
 
 
@@ -360,11 +359,17 @@ def _summary(errors: list[float]) -> dict:
 
 def _replay(layers, pre_a, dev_a, post_a, host_a, pre_b, post_b, host_b) -> float:
     """Critical path of the pipelined loop: the device (main) timeline `g` and one CPU worker
-    `c`, which runs host jobs in submission order. host_* = (down, job, up) per layer."""
+    `c`, which runs host jobs in submission order. host_* = (down, job, up) per layer.
+
+    Layer by layer until the loop is periodic: once the worker's and sub-batch B's times stand
+    where they stood, relative to the device's, one layer earlier, every further layer adds
+    the same time, and the rest is extrapolated exactly. (A fixed few layers, then the last
+    period, was up to 7% off when the worker's backlog was still growing.)"""
     g = c = 0.0
     done_b = 0.0
-    ends = []
-    for i in range(min(layers, PIPELINE_SIM_LAYERS)):
+    seen = None
+    for i in range(layers):
+        start = g
         g += pre_a
         done_a = g
         if host_a[1]:
@@ -377,9 +382,14 @@ def _replay(layers, pre_a, dev_a, post_a, host_a, pre_b, post_b, host_b) -> floa
         c = max(c, g + host_b[0]) + host_b[1]
         done_b = c + host_b[2]
         g = max(g, done_a) + post_a
-        ends.append(g)
-    if layers > len(ends):                       # steady state: one period per further layer
-        period = ends[-1] - ends[-2] if len(ends) > 1 else ends[-1]
-        shift = (layers - len(ends)) * period
-        g, done_b = g + shift, done_b + shift
+        state = (c - g, done_b - g, g - start)         # where things stand, and this layer's time
+        if i > 0 and _same(state, seen):
+            shift = (layers - 1 - i) * state[2]
+            g, done_b = g + shift, done_b + shift
+            break
+        seen = state
     return max(g, done_b) + post_b
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all(abs(x - y) <= 1e-12 * (1.0 + abs(x) + abs(y)) for x, y in zip(a, b))
