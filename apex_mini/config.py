@@ -300,5 +300,12 @@ class EngineConfig:
         tool's own flag of the same name (generate's sampling --seed): the option keeps its
         default."""
         optional = {f.name: str(f.type).endswith("| None") for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items()
-                      if k in optional and (v is not None or optional[k])})
+        try:
+            return cls(**{k: v for k, v in vars(args).items()
+                          if k in optional and (v is not None or optional[k])})
+        except ValueError as e:      # "max_num_seqs=0 must ..." -> "--max-num-seqs 0 must ..."
+            field = re.match(r"(\w+)=", str(e))
+            if field is None or field[1] not in optional:
+                raise
+            flag = "--" + field[1].replace("_", "-")
+            raise ValueError(f"{flag} {str(e)[field.end():]}") from None

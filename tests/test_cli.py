@@ -108,7 +108,9 @@ def broken(tmp_path, mha_ckpt):
     ("top-p", "--top-p"),
     ("top-k", "--top-k"),
     ("max-new-tokens", "--max-new-tokens 0 must be"),
-    ("cpu-fraction", "cpu_fraction"),
+    ("cpu-fraction", "--cpu-fraction 1.5 must be between 0 and 1"),
+    ("max-num-seqs", "--max-num-seqs 0 must be at least 1"),
+    ("device", "--device 'tpu' is not one of"),
     ("prompts-file", "not found"),
     ("prompts-folder", "cannot be read"),
     ("prompts-not-utf8", "is not UTF-8 text"),
@@ -138,6 +140,10 @@ def test_bad_input_is_one_line_and_exit_2(case, words, broken, mha_ckpt, tmp_pat
         extra = ["--max-new-tokens", "0"]
     elif case == "cpu-fraction":
         extra = ["--policy", "static", "--cpu-fraction", "1.5"]
+    elif case == "max-num-seqs":
+        extra = ["--max-num-seqs", "0"]
+    elif case == "device":
+        extra = ["--device", "tpu"]
     elif case == "prompts-file":
         extra = ["--prompts-file", str(tmp_path / "none.txt")]
     elif case == "prompts-folder":
@@ -147,7 +153,8 @@ def test_bad_input_is_one_line_and_exit_2(case, words, broken, mha_ckpt, tmp_pat
         extra = ["--prompts-file", str(tmp_path / "latin1.txt")]
     elif case == "seed":
         extra = ["--seed", str(2**64)]
-    code, out, err = generate(["--model", model, "--device", "cpu", *extra], capsys)
+    device = [] if case == "device" else ["--device", "cpu"]
+    code, out, err = generate(["--model", model, *device, *extra], capsys)
     assert code == 2
     assert out == ""                          # nothing printed before the error (the prompt)
     lines = err.strip().splitlines()
