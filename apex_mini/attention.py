@@ -31,18 +31,19 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_sta
 
     q [n, H, D] holds positions ctx_start .. ctx_start+n-1; k, v [ctx_start+n, KVH, D] hold the
     whole context so far. Query i sees keys 0 .. ctx_start+i. Where the scores could pass
-    GATHER_BYTES (no fused kernel takes this shape and they are materialized in fp32), the
-    queries go in slices, each attending as a chunk of its own.
+    GATHER_BYTES (if no fused kernel takes the call, SDPA's math path materializes them and
+    their softmax in fp32), the queries go in slices, each attending as a chunk of its own.
     """
     n, ctx = q.shape[0], k.shape[0]
-    scores = q.shape[1] * n * ctx * 4           # bytes of fp32 scores, if no fused kernel runs
+    scores = 2 * q.shape[1] * n * ctx * 4       # fp32 scores and probabilities, on the math path
     if n > 1 and scores > GATHER_BYTES:
         # Queries in slices, each one a chunk of its own: rows a..b see keys 0..ctx_start+b.
         step = max(1, n * GATHER_BYTES // scores)
         return torch.cat([prefill_attention(q[a:a + step], k[:ctx_start + a + step],
                                             v[:ctx_start + a + step], ctx_start + a, scale)
                           for a in range(0, n, step)])
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)   # [heads, len, D]
+    # [1, heads, len, D]: four dimensions, which the fused CUDA kernels need.
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     if ctx_start == 0:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
                                              enable_gqa=True)
@@ -52,6 +53,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx_sta
         mask = key_pos[None, :] <= query_pos[:, None]                       # [n, ctx]
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
                                              enable_gqa=True)
+    out = out.squeeze(0)                                                    # [H, n, D]
     return out.transpose(0, 1)                                              # [n, H, D]
 
 

@@ -86,6 +86,9 @@ class BatchShape:
     # Prefill chunks that complete their prompt (so make a token and a row of the LM head);
     # None: every chunk does. A chunk of a longer prompt only fills the KV cache.
     prefill_outputs: int | None = None
+    # What the chunks are worth: each its share of its prompt (fed / prompt tokens), so a
+    # prompt's chunks add up to its first token. None: one token per chunk.
+    prefill_credit: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -97,9 +100,21 @@ class BatchShape:
 
     @property
     def num_outputs(self) -> int:
-        """Rows that produce a token: every decode, and each prefill chunk that completes its
-        prompt. This is the numerator of the tokens/s the policies compare."""
+        """Rows that produce a token (and a row of the LM head): every decode, and each prefill
+        chunk that completes its prompt."""
         return self.num_prefill_outputs + self.n_gpu_decodes + self.n_cpu_decodes
+
+    @property
+    def num_prefill_credit(self) -> float:
+        return len(self.prefill_tokens) if self.prefill_credit is None else self.prefill_credit
+
+    @property
+    def token_credit(self) -> float:
+        """The tokens/s numerator the policies compare: every decode, and each prefill chunk's
+        share of its prompt. Counting only completed prompts would never run a chunk of a long
+        one for its own sake (it makes no token this iteration, however cheap); counting a
+        token per chunk would run chunks that cost more than they bring."""
+        return self.num_prefill_credit + self.n_gpu_decodes + self.n_cpu_decodes
 
     @classmethod
     def from_plan(cls, plan: Plan) -> "BatchShape":
@@ -116,4 +131,5 @@ class BatchShape:
             swap_out_blocks=sum(len(w.src_blocks) for w in plan.swaps if w.dst_tier == "cpu"),
             swap_in_blocks=sum(len(w.src_blocks) for w in plan.swaps if w.dst_tier == "gpu"),
             prefill_outputs=sum(s.num_computed + n == s.num_tokens for s, n in plan.prefills),
+            prefill_credit=sum(n / s.num_tokens for s, n in plan.prefills),
         )

@@ -27,7 +27,8 @@ this leaner function instead:
   block table, so B * W blocks can outgrow the pool itself (256 rows padded to one 4k-token
   request: 8 GiB per layer for Llama-2-7B's K alone). Past `GATHER_BYTES` the rows are
   attended in chunks that each gather at most that much: a bound the engine's memory reserve
-  can count on (device_memory.py).
+  can count on (device_memory.py). (Compiled, a shape past the bound fixes its chunk loop in
+  its graph: one compilation per such shape, eager past torch.compile's recompile limit.)
 - No Python branches on data: for a given (batch, width) shape the same ops run in the same
   order. That is what lets `torch.compile` trace it once and CUDA graphs replay it.
 

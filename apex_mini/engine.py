@@ -84,7 +84,7 @@ class Engine:
         gpu_blocks = cfg.gpu_kv_blocks or min(most, self._device_kv_bytes() // per_block)
         if gpu_blocks < 1:
             reserve = (f" and a {self.reserve['total'] / 2**30:.2f} GiB activation reserve (it "
-                       f"grows with --max-num-seqs and --max-num-batched-tokens)"
+                       f"grows with --max-num-seqs, --max-num-batched-tokens and --max-model-len)"
                        if self.reserve else "")
             raise ValueError(f"no device memory is left for the KV cache after the weights{reserve}; "
                              f"raise --gpu-memory-gb or pass --gpu-kv-blocks")
@@ -101,7 +101,7 @@ class Engine:
                      self.dtype)
         self.gpu_pool = KVPool(pool_args[0], gpu_blocks + 1, *pool_args[1:], device=self.device)
         self.cpu_pool = KVPool(pool_args[0], cpu_blocks, *pool_args[1:], device="cpu",
-                               pin=self.streams.pin)
+                               pin=self.streams.pin, cuda_device=self.device)
         self.gpu_blocks = BlockManager(gpu_blocks, cfg.block_size, GPU)
         self.cpu_blocks = BlockManager(cpu_blocks, cfg.block_size, CPU)
 

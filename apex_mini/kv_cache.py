@@ -11,6 +11,7 @@ as `[num_blocks * block_size, num_kv_heads, head_dim]`.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 
@@ -79,15 +80,23 @@ class BlockManager:
                 f"{self.name}: seq {seq_id} holds {len(table)} blocks for {self.num_tokens[seq_id]} tokens"
 
 
-def pin_in_place(t: torch.Tensor) -> None:
-    """Page-lock a contiguous host tensor's memory where it lies (cudaHostRegister), so that
-    copies to and from the GPU can be asynchronous. Raises OSError where CUDA refuses.
+HOST_REGISTER_PORTABLE = 1      # cudaHostRegisterPortable: page-locked for every CUDA device
+
+
+def pin_in_place(t: torch.Tensor, device: torch.device | None = None) -> None:
+    """Page-lock a contiguous host tensor's memory where it lies (cudaHostRegister, portable,
+    called on `device`: no context is started on another GPU), so that copies to and from the
+    GPU can be asynchronous. Raises OSError where CUDA refuses; the CUDA runtime then keeps
+    that error as its last one, which torch's next checked launch reports, so the process
+    should not go on using CUDA (the engine's construction fails with it).
 
     `pin_memory=True` would do it through torch's caching host allocator, which rounds every
     allocation up to a power of two: a 300 MB layer of a 7B model's host pool would hold 512 MB
     of page-locked RAM, up to 2x the `cpu_kv_gb` asked for."""
     nbytes = t.numel() * t.element_size()
-    err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 0))
+    with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+        err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes,
+                                                       HOST_REGISTER_PORTABLE))
     if err:
         raise OSError(f"CUDA could not page-lock {nbytes / 2**20:.0f} MiB of host memory for the "
                       f"host KV pool (cudaError {err}); lower --cpu-kv-gb or --cpu-kv-blocks")
@@ -105,7 +114,8 @@ def unpin(pointers: list[int]) -> None:
 class KVPool:
     """The tensors behind one tier: for every layer, one K and one V tensor of
     [num_blocks, block_size, num_kv_heads, head_dim]. Host pools are pinned when CUDA is
-    present (`pin`), so copies to and from the device can be asynchronous.
+    present (`pin`; registered on `cuda_device`, the engine's), so copies to and from the
+    device can be asynchronous.
 
     Separate tensors, not views of one big one, because torch.compile must be able to write a
     layer's K in place: Inductor copies a whole tensor before writing into one that aliases
@@ -113,7 +123,8 @@ class KVPool:
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str, pin: bool = False):
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str, pin: bool = False,
+                 cuda_device: torch.device | None = None):
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         if not pin:
@@ -127,7 +138,7 @@ class KVPool:
         try:
             for kv in self.layers:
                 for t in kv:
-                    pin_in_place(t)
+                    pin_in_place(t, cuda_device)
                     registered.append(t.data_ptr())
         except AttributeError:      # a torch without the cudart binding: its own allocator
             unpin(registered)
@@ -196,7 +207,7 @@ class GatherBuffers(threading.local):
 
 # Most bytes one layer's decode attention gathers (K; as much again for V), or its prefill
 # attention's scores hold, at once: a bound the engine's memory reserve counts on.
-GATHER_BYTES = 256 << 20
+GATHER_BYTES = 128 << 20
 
 
 def rows_per_gather(batch: int, width: int, block_bytes: int, limit: int = GATHER_BYTES) -> int:

@@ -5,7 +5,8 @@ Both keep a request's KV on the device when it fits. When it does not, `neo` put
 bound (`offload`; else the request waits, or is preempted, as under GPU-only). Both bring host
 requests back when the device has room (the scheduler checks the room). Each iteration they
 ask the injected predictor about candidate plans and keep the one with the most predicted
-output tokens per second (`BatchShape.num_outputs / iteration_time`):
+output tokens per second (`BatchShape.token_credit / iteration_time`: a prefill chunk counts
+as its share of its prompt's first token):
 
     apex   GPU-only (host work deferred), asynchronous overlap with the k oldest host decodes,
            or asymmetric pipelining with them; a candidate may not be slower per token than
@@ -98,7 +99,7 @@ class PredictivePolicy:
             return True                              # the host is the only place to run it
         t_gpu = self.predictor.iteration_time(base, Strategy.GPU_ONLY)
         search = _Search(self, base, [], host, t_gpu, starving=False, context=lambda s: s.num_tokens)
-        search.best = (base.num_outputs / t_gpu, Strategy.GPU_ONLY, 0, t_gpu)
+        search.best = (base.token_credit / t_gpu, Strategy.GPU_ONLY, 0, t_gpu)
         search.run([len(host)])
         return search.best[1] is not Strategy.GPU_ONLY
 
@@ -126,7 +127,7 @@ class PredictivePolicy:
         decodes = sorted(plan.cpu_decodes, key=lambda s: -self.deferred.get(s.seq_id, 0))
         starving = [s for s in host_seqs if self.deferred.get(s.seq_id, 0) >= PATIENCE]
         must_k = max((i + 1 for i, s in enumerate(decodes) if s in starving), default=0)
-        gpu_thr = base.num_outputs / t_gpu if base.num_outputs and t_gpu > 0 else 0.0
+        gpu_thr = base.token_credit / t_gpu if base.token_credit and t_gpu > 0 else 0.0
         search = _Search(self, base, host_prefills, decodes, t_gpu, bool(starving))
         if not starving and base.num_tokens:          # else a host plan must run
             search.best = (gpu_thr, Strategy.GPU_ONLY, 0, t_gpu)
@@ -184,6 +185,7 @@ class _Search:
             b, prefill_tokens=b.prefill_tokens + hp.prefill_tokens,
             prefill_context=b.prefill_context + hp.prefill_context,
             prefill_outputs=b.num_prefill_outputs + hp.num_prefill_outputs,
+            prefill_credit=b.num_prefill_credit + hp.num_prefill_credit,
             n_host_prefill_tokens=hp.n_host_prefill_tokens,
             n_cpu_decodes=k, cpu_decode_kv=self.kv[k], cpu_decode_max_kv=self.longest[k])
 
@@ -199,7 +201,7 @@ class _Search:
                         continue                  # the runner would overlap: already tried
                     strategy = Strategy.OVERLAP
                 t = self.predictor.iteration_time(shape, strategy)
-                thr = shape.num_outputs / t if t > 0 else 0.0
+                thr = shape.token_credit / t if t > 0 else 0.0
                 if self.bound is not None and t > self.bound:
                     self.over_bound += thr > self.best[0]
                     continue

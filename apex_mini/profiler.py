@@ -295,7 +295,7 @@ class Profiler:
         streams = Streams(self.device)
         shape = (1, blocks, self.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype)
         dev = KVPool(*shape, device=self.device)
-        host = KVPool(*shape, device="cpu", pin=streams.pin)
+        host = KVPool(*shape, device="cpu", pin=streams.pin, cuda_device=self.device)
         src, dst = (dev, host) if down else (host, dev)
         ids = list(range(blocks))
 

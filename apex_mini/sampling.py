@@ -79,9 +79,29 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_ids: torch.Ten
     return (h.double() + 0.5) / 2.0**32
 
 
+# Working memory of `sample` per logit: a sort (values and int64 ids), probabilities, masks,
+# 64-bit hashes and float64 noise come to about 19 fp32 logits' worth (80 bytes) at their peak.
+SAMPLE_BYTES_PER_LOGIT = 80
+SAMPLE_BYTES = 64 << 20      # most working memory one call takes: rows go in chunks past it
+
+
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """logits [N, V] fp32; per-row temperature, top_k, top_p, seed, step [N] -> tokens [N]."""
+    """logits [N, V] fp32; per-row temperature, top_k, top_p, seed, step [N] -> tokens [N].
+    Rows are independent, so they go in chunks of at most SAMPLE_BYTES of working memory
+    (256 rows of a 128k vocabulary would otherwise take 2.5 GB at once)."""
+    N, V = logits.shape
+    rows = max(1, SAMPLE_BYTES // (V * SAMPLE_BYTES_PER_LOGIT))
+    if rows < N:
+        return torch.cat([_sample_rows(*(t[r:r + rows] for t in
+                                         (logits, temperature, top_k, top_p, seeds, steps)))
+                          for r in range(0, N, rows)])
+    return _sample_rows(logits, temperature, top_k, top_p, seeds, steps)
+
+
+def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                 top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """`sample` of one chunk of rows, all at once."""
     greedy = logits.argmax(-1)                                          # [N]
     V = logits.shape[-1]
     scaled = logits / temperature.clamp_min(1e-6)[:, None]              # [N, V]

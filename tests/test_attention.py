@@ -34,7 +34,7 @@ def naive(q, k, v, visible):
 @pytest.mark.parametrize("sliced", [False, True])
 def test_prefill_attention_is_causal_whole_or_in_slices(ctx_start, sliced, monkeypatch):
     if sliced:   # scores of 3 query rows at most: slices of 3, 3, 3, 1 rows
-        monkeypatch.setattr(attention, "GATHER_BYTES", H * 3 * (ctx_start + 10) * 4)
+        monkeypatch.setattr(attention, "GATHER_BYTES", 2 * H * 3 * (ctx_start + 10) * 4)
     slices = count_calls(monkeypatch, "prefill_attention")
     g = torch.Generator().manual_seed(ctx_start)
     n = 10

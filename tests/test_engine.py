@@ -333,20 +333,26 @@ def test_activation_reserve_adds_up_its_worst_cases():
     options (256 requests, 2048 tokens an iteration, 4k context, blocks of 16)."""
     from apex_mini.device_memory import RUNTIME_BYTES, activation_reserve
     from apex_mini.kv_cache import GATHER_BYTES
+    from apex_mini.sampling import SAMPLE_BYTES
     from apex_mini.weights import MODEL_SHAPES
     mc = MODEL_SHAPES["llama2-7b"]
     r = activation_reserve(mc, 256, 2048, 4096, 16, 2, cuda_graphs=True)
-    # 256 rows x 256 blocks of 16 x 32 heads x 128 x 2 bytes is 8 GiB of K: bounded, K and V.
-    assert r["attention"] == 2 * GATHER_BYTES
-    assert r["tokens"] == 2048 * (3 * 4096 + 2 * 96 * 128 + 32 * 128 + 4 * 11008) * 2
-    assert r["logits"] == 256 * 32000 * (2 + 4 + 4)
-    assert r["graphs"] == (1 + 2 + 4 + 8 + 16 + 32 + 64 + 128 + 256) * 9 * 4096 * 2
+    # 256 rows x 256 blocks of 16 x 32 heads x 128 x 2 bytes is 8 GiB of K: bounded.
+    assert r["attention"] == 4 * GATHER_BYTES
+    per_row = (3 * 4096 + 2 * 96 * 128 + 32 * 128 + 4 * 11008) * 2
+    assert r["tokens"] == 2048 * per_row
+    assert r["logits"] == 256 * 32000 * (2 + 4) + SAMPLE_BYTES
+    assert r["graphs"] == (2 * GATHER_BYTES + 256 * per_row
+                           + (1 + 2 + 4 + 8 + 16 + 32 + 64 + 128 + 256) * 9 * 4096 * 2)
     assert r["total"] == sum(v for k, v in r.items() if k != "total")
     assert 1 << 30 < r["total"] < 2 << 30
     # Fewer requests and tokens, no graphs: less; the whole gather when under the bound.
     small = activation_reserve(mc, 8, 256, 1024, 16, 2, cuda_graphs=False)
-    assert small["graphs"] == 0 and small["attention"] == 2 * 8 * 64 * 16 * 32 * 128 * 2
+    assert small["graphs"] == 0 and small["attention"] == 4 * 8 * 64 * 16 * 32 * 128 * 2
     assert RUNTIME_BYTES < small["total"] < r["total"]
+    # A long context: the prefill path's fp32, head-repeated K and V of the whole context.
+    long = activation_reserve(mc, 256, 2048, 32768, 16, 2, cuda_graphs=False)
+    assert long["attention"] == GATHER_BYTES + 2 * 32768 * 32 * 128 * 4 + 4 * 32768 * 32 * 128 * 2
 
 
 @pytest.mark.gpu

@@ -412,6 +412,7 @@ class FakeCudart:
         self.calls += 1
         if self.calls == self.fail_at:
             return 2                                   # cudaErrorMemoryAllocation
+        assert flags == 1                              # cudaHostRegisterPortable
         self.registered[ptr] = nbytes
         return 0
 

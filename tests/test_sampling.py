@@ -120,6 +120,26 @@ def test_a_row_ignores_the_rest_of_the_batch_and_its_position():
     assert mixed[5] == full[0]
 
 
+def test_rows_in_chunks_draw_what_one_call_draws(monkeypatch):
+    """Past SAMPLE_BYTES the rows go in chunks (7 per call here: 3 chunks for 17 rows), with
+    the same draws as one call."""
+    from apex_mini import sampling
+    g = torch.Generator().manual_seed(4)
+    N, V = 17, 64
+    logits = torch.randn(N, V, generator=g)
+    kw = dict(temperature=torch.rand(N, generator=g) + 0.3, top_k=torch.randint(0, 20, (N,), generator=g),
+              top_p=torch.rand(N, generator=g) * 0.7 + 0.3, seeds=torch.randint(0, 2**62, (N,), generator=g),
+              steps=torch.randint(0, 1000, (N,), generator=g))
+    kw["temperature"][::4] = 0.0                          # greedy rows among them
+    whole = sample(logits, **kw)
+    calls = []
+    real = sampling._sample_rows
+    monkeypatch.setattr(sampling, "_sample_rows", lambda lg, *a: calls.append(len(lg)) or real(lg, *a))
+    monkeypatch.setattr(sampling, "SAMPLE_BYTES", 7 * V * sampling.SAMPLE_BYTES_PER_LOGIT)
+    assert torch.equal(sample(logits, **kw), whole)
+    assert calls == [7, 7, 3]
+
+
 def test_different_seeds_differ():
     logits = torch.zeros(1, 1000)                        # uniform: every draw is the noise's
     steps = torch.arange(40)

@@ -193,20 +193,24 @@ def test_host_work_that_never_pays_is_deferred_then_guarded():
     assert host.num_output == 1 and all(s.num_output == PATIENCE + 1 for s in dev)
 
 
-@pytest.mark.parametrize("chunk,host_runs", [(100, True), (60, False)])
-def test_only_a_prefill_chunk_that_completes_counts_as_a_token(chunk, host_runs):
-    """A host prefill whose fixed cost (0.5) outlasts device attention (0.4) slows the
-    iteration from 1.4 to 1.5. Finishing the prompt (chunk 100 of 100) that buys a token,
-    5/1.5 > 4/1.4 tok/s; a chunk of it (60 of 100) makes no token, 4/1.5 < 4/1.4, so apex
-    defers it rather than slow four decodes for nothing this iteration."""
-    model = DesignModel(L=1.0, g=0.1, R=4.0, host_fixed=0.5)
+@pytest.mark.parametrize("chunk,fixed,host_runs", [
+    (100, 0.5, True), (60, 0.5, True), (20, 0.5, False), (20, 0.0, True)])
+def test_a_prefill_chunk_counts_as_its_share_of_the_prompt(chunk, fixed, host_runs):
+    """Four device decodes take 1.4; a host prefill with a fixed cost of 0.5 (over device
+    attention's 0.4) makes it 1.5. A chunk counts as its share of the prompt's first token:
+    the whole prompt (100 of 100) 5/1.5, 60 of 100 4.6/1.5, both above GPU-only's 4/1.4; 20
+    of 100 (4.2/1.5) is not, and is deferred (one token per chunk ran it: 5/1.5). A chunk that
+    costs nothing runs however small (counting completed prompts only never ran it)."""
+    model = DesignModel(L=1.0, g=0.1, R=4.0, host_fixed=fixed)
     policy = ApexPolicy(cfg(margin=0.5), model)
     sched = make_sched(policy)
     dev = [decoding(sched, GPU) for _ in range(4)]
     host = new_seq(100)
     host.status, host.tier = Status.RUNNING, CPU
     plan = Plan(prefills=[(host, chunk)], gpu_decodes=dev)
-    assert BatchShape.from_plan(plan).num_outputs == 4 + (chunk == 100)
+    shape = BatchShape.from_plan(plan)
+    assert shape.num_outputs == 4 + (chunk == 100)          # LM-head rows: real tokens
+    assert shape.token_credit == pytest.approx(4 + chunk / 100)
     policy.choose(plan, sched)
     assert (plan.strategy is not Strategy.GPU_ONLY) is host_runs, plan.reason
     assert [s for s, _ in plan.prefills] == ([host] if host_runs else [])
