@@ -100,13 +100,21 @@ def test_seeded_draws_are_deterministic():
     assert torch.equal(sample(logits, **kw), sample(logits, **kw))
 
 
+def random_batch(N: int, V: int, max_top_k: int, g: torch.Generator):
+    """Logits [N, V] and per-row sampling tensors, all drawn from `g`."""
+    logits = torch.randn(N, V, generator=g)
+    kw = dict(temperature=torch.rand(N, generator=g) + 0.3,
+              top_k=torch.randint(0, max_top_k, (N,), generator=g),
+              top_p=torch.rand(N, generator=g) * 0.7 + 0.3,
+              seeds=torch.randint(0, 2**62, (N,), generator=g),
+              steps=torch.randint(0, 1000, (N,), generator=g))
+    return logits, kw
+
+
 def test_a_row_ignores_the_rest_of_the_batch_and_its_position():
     g = torch.Generator().manual_seed(3)
     N, V = 24, 128
-    logits = torch.randn(N, V, generator=g)
-    kw = dict(temperature=torch.rand(N, generator=g) + 0.3, top_k=torch.randint(0, 40, (N,), generator=g),
-              top_p=torch.rand(N, generator=g) * 0.7 + 0.3, seeds=torch.randint(0, 2**62, (N,), generator=g),
-              steps=torch.randint(0, 1000, (N,), generator=g))
+    logits, kw = random_batch(N, V, 40, g)
     full = sample(logits, **kw)
     alone = torch.stack([sample(logits[i:i + 1], **{k: v[i:i + 1] for k, v in kw.items()})[0]
                          for i in range(N)])
@@ -124,12 +132,8 @@ def test_rows_in_chunks_draw_what_one_call_draws(monkeypatch):
     """Past SAMPLE_BYTES the rows go in chunks (7 per call here: 3 chunks for 17 rows), with
     the same draws as one call."""
     from apex_mini import sampling
-    g = torch.Generator().manual_seed(4)
     N, V = 17, 64
-    logits = torch.randn(N, V, generator=g)
-    kw = dict(temperature=torch.rand(N, generator=g) + 0.3, top_k=torch.randint(0, 20, (N,), generator=g),
-              top_p=torch.rand(N, generator=g) * 0.7 + 0.3, seeds=torch.randint(0, 2**62, (N,), generator=g),
-              steps=torch.randint(0, 1000, (N,), generator=g))
+    logits, kw = random_batch(N, V, 20, torch.Generator().manual_seed(4))
     kw["temperature"][::4] = 0.0                          # greedy rows among them
     whole = sample(logits, **kw)
     calls = []
