@@ -55,6 +55,10 @@ class CudaGraphDecoder:
         self.step = step
         self.captured: dict[tuple[int, int], CapturedStep] = {}
         self.pool = None                                 # memory pool shared by all graphs
+        # One warm-up and one capture stream for every graph: libraries may keep a workspace
+        # per stream they ran on (cuBLAS's is 32 MiB on Hopper), so new ones per graph add up.
+        self.warmup_stream = torch.cuda.Stream(step.device)
+        self.capture_stream = torch.cuda.Stream(step.device)
 
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
         entry = self.captured.get(inputs.key)
@@ -82,7 +86,7 @@ class CudaGraphDecoder:
         tables.fill_(step.scratch_block)
         args = (ids, positions, slots, context_lens, tables)
 
-        side = torch.cuda.Stream(step.device)
+        side = self.warmup_stream
         side.wait_stream(torch.cuda.current_stream(step.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):
@@ -90,7 +94,7 @@ class CudaGraphDecoder:
         torch.cuda.current_stream(step.device).wait_stream(side)
 
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=torch.cuda.Stream(step.device)):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.capture_stream):
             hidden = step.run_hidden(*args)              # [B, hidden]
         if self.pool is None:
             self.pool = graph.pool()

@@ -48,11 +48,14 @@ def activation_reserve(mc, max_num_seqs: int, max_num_batched_tokens: int, max_m
     gather = min(GATHER_BYTES, bucket(rows) * bucket(-(-ctx // block_size)) * block_bytes)
     scores = min(GATHER_BYTES, 2 * H * T * ctx * 4)
     prefill = scores + 2 * ctx * H * D * 4 + 4 * ctx * KVH * D * itemsize
+    # Sampling's chunks: at most SAMPLE_BYTES, but never less than one row.
+    sampling = min(rows * vocab * SAMPLE_BYTES_PER_LOGIT,
+                   max(SAMPLE_BYTES, vocab * SAMPLE_BYTES_PER_LOGIT))
     per_row = (3 * hidden + 2 * (H + 2 * KVH) * D + H * D + 4 * inter) * itemsize
     terms = {
         "attention": max(4 * gather, prefill),
         "tokens": T * per_row,
-        "logits": rows * vocab * (itemsize + 4) + min(SAMPLE_BYTES, rows * vocab * SAMPLE_BYTES_PER_LOGIT),
+        "logits": rows * vocab * (itemsize + 4) + sampling,
         "graphs": 0,
         "runtime": RUNTIME_BYTES,
     }

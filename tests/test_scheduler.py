@@ -363,18 +363,22 @@ class Recording(ApexPolicy):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), n_gpu=st.integers(0, 12), n_cpu=st.integers(0, 40),
-       n_wait=st.integers(0, 6), margin=st.sampled_from([0.0, 0.1, 0.5, 10.0]))
-def test_apex_never_below_gpu_only(seed, n_gpu, n_cpu, n_wait, margin):
+       n_wait=st.integers(0, 6), margin=st.sampled_from([0.0, 0.1, 0.5, 10.0]),
+       budget=st.sampled_from([8, 64, 2048]))
+def test_apex_never_below_gpu_only(seed, n_gpu, n_cpu, n_wait, margin, budget):
+    """The chosen plan's predicted tokens/s (a prefill chunk counting as its share of its
+    prompt) is never below the GPU-only plan's, within the latency bound; small token budgets
+    cut prompts into chunks."""
     rng = random.Random(seed)
     model = TableModel(rng)
     policy = Recording(cfg(margin), model)
-    sched = make_sched(policy, gpu_blocks=rng.randint(4, 80), cpu_blocks=400)
+    sched = make_sched(policy, gpu_blocks=rng.randint(4, 80), cpu_blocks=400, budget=budget)
     for tier, n in ((GPU, n_gpu), (CPU, n_cpu)):
         for _ in range(n):
             if sched.blocks[tier].num_free >= 4:
                 decoding(sched, tier, ctx=rng.randint(2, 48))
     for _ in range(n_wait):
-        sched.add(new_seq(rng.randint(1, 60)))
+        sched.add(new_seq(rng.randint(1, 300)))
     plan = sched.schedule()
     sched.check_integrity()
     shape = BatchShape.from_plan(plan)
@@ -383,8 +387,8 @@ def test_apex_never_below_gpu_only(seed, n_gpu, n_cpu, n_wait, margin):
         return
     t_gpu = model.iteration_time(policy.base, Strategy.GPU_ONLY)
     if policy.base.num_tokens:
-        gpu_thr = policy.base.num_outputs / t_gpu
-        assert shape.num_outputs / plan.predicted_s >= gpu_thr * (1 - 1e-9)
+        gpu_thr = policy.base.token_credit / t_gpu
+        assert shape.token_credit / plan.predicted_s >= gpu_thr * (1 - 1e-9)
         assert plan.predicted_s <= (1 + margin) * t_gpu * (1 + 1e-9)       # the latency bound
     if plan.strategy is Strategy.GPU_ONLY:
         assert not plan.uses_host
