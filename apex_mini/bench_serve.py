@@ -159,7 +159,8 @@ def serve(args, argv) -> int:
     runs, predictor = {name: [] for name in policies}, None
     for _round in range(args.repeats):            # in turns: drift hits every policy alike
         for name in policies:
-            engine = Engine(model, dataclasses.replace(cfg, policy=name), predictor=predictor)
+            engine = Engine(model, dataclasses.replace(cfg, policy=name), predictor=predictor,
+                            progress=not args.no_progress)
             predictor = predictor or engine.predictor       # profile once, share it
             try:
                 check_capacity(engine, specs)

@@ -38,7 +38,8 @@ class IterationRecord:
 
 
 class Engine:
-    def __init__(self, model, cfg: EngineConfig, tokenizer=None, predictor=None):
+    def __init__(self, model, cfg: EngineConfig, tokenizer=None, predictor=None,
+                 progress: bool = True):
         self.cfg = cfg
         self.model = model
         self.model_config = mc = model.config
@@ -58,7 +59,7 @@ class Engine:
         self.predictor = predictor
         if self.policy_name in ("neo", "apex") and predictor is None:
             from .profiler import predictor_for_engine
-            self.predictor = predictor_for_engine(self)
+            self.predictor = predictor_for_engine(self, progress=progress)   # may profile
         self.policy = make_policy(self.policy_name, cfg, self.predictor)
         eos = tokenizer.eos_ids if tokenizer is not None else mc.eos_token_ids
         self.scheduler = Scheduler(self.policy, self.gpu_blocks, self.cpu_blocks, cfg.max_num_seqs,

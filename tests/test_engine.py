@@ -392,3 +392,25 @@ def test_cuda_iterations_fit_in_the_reserve():
     assert kept <= reserve["graphs"] + reserve["runtime"], (kept, reserve)
     assert 0 < transient <= reserve["total"] - reserve["graphs"] - reserve["runtime"], \
         (transient, reserve)
+
+
+def test_progress_false_reaches_the_profiler(mha_ckpt, monkeypatch):
+    """An engine that must profile shows the profiler's bars unless told not to (bench serve's
+    --no-progress)."""
+    from apex_mini import profiler
+    from apex_mini.cost_tables import Profile
+    from apex_mini.engine import load_engine
+    from apex_mini.predictor import Predictor
+    seen = []
+
+    def fake(engine, progress=True):
+        seen.append(progress)
+        return Predictor(Profile(key={"device": "cpu"}, num_layers=1))
+    monkeypatch.setattr(profiler, "predictor_for_engine", fake)
+    cfg = EngineConfig(device="cpu", policy="apex", compile_cpu_attention=False)
+    engine = load_engine(str(mha_ckpt), cfg)
+    engine.close()
+    from apex_mini.engine import Engine
+    quiet = Engine(engine.model, cfg, progress=False)
+    quiet.close()
+    assert seen == [True, False]
