@@ -63,7 +63,10 @@ def build_machine(mc: ModelConfig, cfg: EngineConfig, itemsize: int, hw: Hardwar
                   profile: Profile | None = None, model_name: str = "") -> Machine:
     """Capacities as the engine sizes them: device memory minus weights and a reserve (or
     --gpu-kv-blocks), host memory for KV (or --cpu-kv-blocks), never more than every running
-    request at full length could use."""
+    request at full length could use. The reserve is the hardware's fixed `reserve_gb` (1 GB
+    by default), not the engine's sum of worst cases (device_memory.py: 1.5 GiB for
+    Llama-2-7B fp16 with the default options), so that the published comparisons keep one
+    stated assumption; pass --gpu-kv-blocks to simulate the engine's own sizing."""
     bs = cfg.block_size
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
     most = cfg.max_num_seqs * -(-max_len // bs)
