@@ -48,6 +48,7 @@ from .batch import DecodeInputs
 from .kv_cache import GATHER_BYTES, GatherBuffers, KVPool, gather_blocks, rows_per_gather
 from .packed_linear import StackedLinear, should_prepack
 
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """model.RMSNorm without the module call, same bits.
 

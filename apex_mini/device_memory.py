@@ -43,9 +43,10 @@ def activation_reserve(mc, max_num_seqs: int, max_num_batched_tokens: int, max_m
     H, KVH, D = mc.num_attention_heads, mc.num_key_value_heads, mc.head_dim
     hidden, inter, vocab = mc.hidden_size, mc.intermediate_size, mc.vocab_size
     T, rows, ctx = max_num_batched_tokens, max_num_seqs, max_model_len
+    width = bucket(-(-ctx // block_size))                                # widest block table
     # One decode gather (K or V) of every row padded to the widest table, at most the bound.
     block_bytes = block_size * KVH * D * itemsize                        # one layer's K block
-    gather = min(GATHER_BYTES, bucket(rows) * bucket(-(-ctx // block_size)) * block_bytes)
+    gather = min(GATHER_BYTES, bucket(rows) * width * block_bytes)
     scores = min(GATHER_BYTES, 2 * H * T * ctx * 4)
     prefill = scores + 2 * ctx * H * D * 4 + 4 * ctx * KVH * D * itemsize
     # Sampling's chunks: at most SAMPLE_BYTES, but never less than one row.
@@ -61,7 +62,7 @@ def activation_reserve(mc, max_num_seqs: int, max_num_batched_tokens: int, max_m
     }
     if cuda_graphs:
         batch_rows = 2 * bucket(rows) - 1                                # 1 + 2 + 4 + ...
-        widths = bucket(-(-ctx // block_size)).bit_length()              # 1, 2, 4 .. blocks
+        widths = width.bit_length()                                      # 1, 2, 4 .. blocks
         terms["graphs"] = (2 * gather + bucket(rows) * per_row
                            + batch_rows * widths * hidden * itemsize)
     terms["total"] = sum(terms.values())

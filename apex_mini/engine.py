@@ -129,10 +129,11 @@ class Engine:
         self.reserve = activation_reserve(
             self.model_config, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
             cfg.block_size, self.dtype.itemsize, cfg.cuda_graphs)
+        reserve = self.reserve["total"]
         free, _ = torch.cuda.mem_get_info(self.device)
-        budget = free - self.reserve["total"]
+        budget = free - reserve
         if cfg.gpu_memory_gb:
-            budget = min(budget, int(cfg.gpu_memory_gb * (1 << 30)) - weights - self.reserve["total"])
+            budget = min(budget, int(cfg.gpu_memory_gb * (1 << 30)) - weights - reserve)
         return max(0, budget)
 
     # ---------------------------------------------------------------- requests

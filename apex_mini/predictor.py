@@ -357,14 +357,16 @@ def _summary(errors: list[float]) -> dict:
     return {"n": len(errors), "median_rel_error": statistics.median(ordered), "p90_rel_error": p90}
 
 
-def _replay(layers, pre_a, dev_a, post_a, host_a, pre_b, post_b, host_b) -> float:
+def _replay(layers, pre_a, dev_a, post_a, host_a, pre_b, post_b, host_b,
+            extrapolate: bool = True) -> float:
     """Critical path of the pipelined loop: the device (main) timeline `g` and one CPU worker
     `c`, which runs host jobs in submission order. host_* = (down, job, up) per layer.
 
     Layer by layer until the loop is periodic: once the worker's and sub-batch B's times stand
     where they stood, relative to the device's, one layer earlier, every further layer adds
     the same time, and the rest is extrapolated exactly. (A fixed few layers, then the last
-    period, was up to 7% off when the worker's backlog was still growing.)"""
+    period, was up to 7% off when the worker's backlog was still growing.) `extrapolate=False`
+    simulates every layer: what the extrapolation must equal."""
     g = c = 0.0
     done_b = 0.0
     seen = None
@@ -383,7 +385,7 @@ def _replay(layers, pre_a, dev_a, post_a, host_a, pre_b, post_b, host_b) -> floa
         done_b = c + host_b[2]
         g = max(g, done_a) + post_a
         state = (c - g, done_b - g, g - start)         # where things stand, and this layer's time
-        if i > 0 and _same(state, seen):
+        if extrapolate and i > 0 and _same(state, seen):
             shift = (layers - 1 - i) * state[2]
             g, done_b = g + shift, done_b + shift
             break
