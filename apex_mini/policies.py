@@ -5,8 +5,11 @@ A policy answers four questions for the `Scheduler`; it never touches tensors:
 
     uses_host                      may requests live in the host tier at all?
     offload(seq, sched)            may this request's KV go to the host tier now (when it is
-                                   admitted, or evicted from a full device)? Else it waits,
-                                   or is preempted
+                                   admitted, or evicted from a full device), to decode there?
+                                   Else it waits, or is parked or preempted
+    park(seq, sched)               asked when an evicted request is not offloaded: keep its KV
+                                   on the host, waiting for the device without decoding,
+                                   instead of preempting it (recomputing it later)?
     place(seq, sched) -> tier      where a newly admitted request's KV goes (None: wait)
     wants_swap_in(seq, sched)      should this host-resident request move to the device?
     choose(plan, sched)            pick plan.strategy; may drop host decodes from this iteration
@@ -25,6 +28,9 @@ class GpuOnlyPolicy:
     uses_host = False
 
     def offload(self, seq: Sequence, sched) -> bool:
+        return False
+
+    def park(self, seq: Sequence, sched) -> bool:
         return False
 
     def place(self, seq: Sequence, sched) -> str | None:
@@ -50,6 +56,9 @@ class StaticPolicy:
 
     def offload(self, seq: Sequence, sched) -> bool:
         return True
+
+    def park(self, seq: Sequence, sched) -> bool:
+        return False                                 # never asked: every request is offloaded
 
     def place(self, seq: Sequence, sched) -> str | None:
         n_host = len(sched.tier_seqs(CPU))

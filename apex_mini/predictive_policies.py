@@ -2,7 +2,9 @@
 
 Both keep a request's KV on the device when it fits. When it does not, `neo` puts it on the host
 (as NEO does), and `apex` does so only when host decoding is predicted to pay within its latency
-bound (`offload`; else the request waits, or is preempted, as under GPU-only). Both bring host
+bound (`offload`; else a new request waits, as under GPU-only). A running request evicted from a
+full device that `apex` does not offload is parked on the host when copying its KV out and back
+is predicted to cost less than recomputing it (`park`), else preempted. Both bring host
 requests back when the device has room (the scheduler checks the room). Each iteration they
 ask the injected predictor about candidate plans and keep the one with the most predicted
 output tokens per second (`BatchShape.token_credit / iteration_time`: a prefill chunk counts
@@ -57,7 +59,8 @@ class PredictivePolicy:
         self.predictor = predictor
         self.margin = cfg.latency_margin
         self.deferred: dict[int, int] = {}      # seq_id -> iterations deferred in a row
-        self.declined: tuple[tuple, int] | None = None   # (what was asked, asks it still stands)
+        # seq_id -> (running requests when asked, asks the "no" still stands)
+        self.declined: dict[int, tuple[tuple, int]] = {}
 
     # ---------------------------------------------------------------- placement
 
@@ -65,7 +68,10 @@ class PredictivePolicy:
         # One spare device block, so the running decodes' next step rarely forces a swap-out.
         # None when no request runs there: a request that needs every device block (and does
         # not fit the host) must still get in once the device is empty.
-        if sched.fits(seq, GPU, reserve=1 if sched.tier_seqs(GPU) else 0):
+        # A parked request waits for the device ahead of new ones (first come, first served), as
+        # a preempted one would wait at the head of the queue.
+        parked = any(s.parked for s in sched.tier_seqs(CPU))
+        if not parked and sched.fits(seq, GPU, reserve=1 if sched.tier_seqs(GPU) else 0):
             return GPU
         if sched.fits(seq, CPU) and self.offload(seq, sched):
             return CPU
@@ -78,21 +84,29 @@ class PredictivePolicy:
         would only sit on the host, deferred, until the starvation guard forced it through; it
         waits for the device instead, or is preempted, as under GPU-only.
 
-        While the device is full the queue's head is asked about every iteration. A "no" stands
-        for the next `RECHECK` asks about the same request with the same running requests in
-        the same tiers (their contexts grow by a token an iteration, which moves the prediction
-        little): the search costs a few predictor calls, as much as the rest of `schedule()`."""
-        asked = (seq.seq_id, tuple((s.seq_id, s.tier) for s in sched.running))
-        if self.declined is not None and self.declined[0] == asked and self.declined[1] > 0:
-            self.declined = (asked, self.declined[1] - 1)
+        While the device is full the queue's head, and every parked request, is asked about
+        every iteration. A "no" stands for the next `RECHECK` asks about the same request with
+        the same running requests in the same tiers (their contexts grow by a token an
+        iteration, which moves the prediction little): the search costs a few predictor calls,
+        as much as the rest of `schedule()`."""
+        running = tuple((s.seq_id, s.tier, s.parked) for s in sched.running)
+        last = self.declined.get(seq.seq_id)
+        if last is not None and last[0] == running and last[1] > 0:
+            self.declined[seq.seq_id] = (running, last[1] - 1)
             return False
         pays = self._host_pays(seq, sched)
-        self.declined = None if pays else (asked, RECHECK)
+        if pays:
+            self.declined.pop(seq.seq_id, None)
+        else:
+            if len(self.declined) > 4 * len(running) + 64:     # forget requests long gone
+                alive = {s.seq_id for s in sched.running} | {s.seq_id for s in sched.waiting}
+                self.declined = {i: v for i, v in self.declined.items() if i in alive}
+            self.declined[seq.seq_id] = (running, RECHECK)
         return pays
 
     def _host_pays(self, seq: Sequence, sched) -> bool:
         dev = [s for s in sched.running if s.tier == GPU and s is not seq]
-        host = [s for s in sched.running if s.tier == CPU and s is not seq] + [seq]
+        host = [s for s in sched.running if s.tier == CPU and not s.parked and s is not seq] + [seq]
         base = BatchShape(n_gpu_decodes=len(dev), gpu_decode_kv=sum(s.num_tokens for s in dev),
                           gpu_decode_max_kv=max((s.num_tokens for s in dev), default=0))
         if not dev:
@@ -102,6 +116,27 @@ class PredictivePolicy:
         search.best = (base.token_credit / t_gpu, Strategy.GPU_ONLY, 0, t_gpu)
         search.run([len(host)])
         return search.best[1] is not Strategy.GPU_ONLY
+
+    def park(self, seq: Sequence, sched) -> bool:
+        """Park an evicted request (its KV copied to the host, and back when the device has
+        room) rather than preempt it, when the two copies are predicted to cost less than
+        recomputing its context: a preempted request prefills its prompt and output again, in
+        chunks of the token budget. Each chunk is priced as a prefill-only iteration less one
+        of a single token, the part any iteration pays anyway (weights, overhead), so both
+        sides of the difference take the same execution path."""
+        blocks = sched.blocks[GPU].blocks_needed(seq.num_computed)
+        t = self.predictor.iteration_time
+        copies = (t(BatchShape(swap_out_blocks=blocks), Strategy.GPU_ONLY)
+                  + t(BatchShape(swap_in_blocks=blocks), Strategy.GPU_ONLY))
+        t_one = t(BatchShape(prefill_tokens=(1,), prefill_context=(1,)), Strategy.GPU_ONLY)
+        chunk = max(1, sched.max_num_batched_tokens)
+        recompute, done = 0.0, 0
+        while done < seq.num_tokens:
+            fed = min(chunk, seq.num_tokens - done)
+            done += fed
+            shape = BatchShape(prefill_tokens=(fed,), prefill_context=(done,))
+            recompute += max(0.0, t(shape, Strategy.GPU_ONLY) - t_one)
+        return copies < recompute
 
     def wants_swap_in(self, seq: Sequence, sched) -> bool:
         return True

@@ -4,9 +4,12 @@ It owns the queues and the two tiers' block managers and changes nothing else; t
 appear here. Each `schedule()`:
 
 1. keeps running decodes going, growing their KV by one token. When the device tier would
-   overflow, the newest device-resident request moves to the host tier (swap out) if the
-   policy offloads it, else it is preempted. When the device has room, host-resident requests
-   come back (swap in). Never both in one iteration.
+   overflow, the newest device-resident request moves to the host tier (swap out): to decode
+   there if the policy offloads it, or parked there (its KV waits, without decoding, for room
+   on the device) if the policy finds that cheaper than recomputing it; else it is preempted.
+   A parked request starts decoding on the host once the policy would offload it. When the
+   device has room, host-resident requests come back (swap in), oldest first. Never both in
+   one iteration.
 2. continues chunked prefills, then admits waiting requests first come first served, each
    placed by the policy, within the token budget.
 3. lets the policy pick the strategy and how many host-resident decodes run.
@@ -38,7 +41,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []          # admission order: newest last
         self.num_preemptions = 0
-        self.num_swaps = 0
+        self.num_swaps = 0                           # moves between tiers, either way
+        self.num_parks = 0                           # swap-outs that parked their request
 
     # ---------------------------------------------------------------- queues
 
@@ -92,7 +96,14 @@ class Scheduler:
         return plan
 
     def _grow_decodes(self, plan: Plan) -> None:
+        ask_parked = True
         for seq in [s for s in self.running if s.is_decoding]:       # oldest first
+            if seq.parked:                           # its KV waits for the device, unless
+                # decoding it on the host now pays. After a "no", the younger ones wait too.
+                ask_parked = ask_parked and self.policy.offload(seq, self)
+                if not ask_parked:
+                    continue
+                seq.parked = False
             while seq.status is Status.RUNNING and not self.blocks[seq.tier].can_grow(seq.seq_id, seq.num_tokens):
                 self._evict_newest(seq.tier, plan)
             if seq.status is Status.RUNNING:
@@ -103,14 +114,22 @@ class Scheduler:
         plan.cpu_decodes = [s for s in plan.cpu_decodes if s.tier == CPU and s.status is Status.RUNNING]
 
     def _evict_newest(self, tier: str, plan: Plan) -> None:
-        """Free room in `tier`: move its newest request to the host tier, or preempt it."""
+        """Free room in `tier`: move its newest request to the host tier (to decode there, or
+        parked), or preempt it."""
         victim = self.tier_seqs(tier)[-1]
         host = self.blocks[CPU]
-        if (tier == GPU and self.policy.uses_host and host.can_grow(victim.seq_id, victim.num_tokens)
-                and self.policy.offload(victim, self)):
-            self._move(victim, CPU, plan)
-        else:
-            self._preempt(victim, plan)
+        if tier == GPU and self.policy.uses_host and host.can_grow(victim.seq_id, victim.num_tokens):
+            if self.policy.offload(victim, self):
+                self._move(victim, CPU, plan)
+                return
+            # Parked, it can always come back: it ran beside an older device request (alone,
+            # `offload` takes it, the host being its only place), so it fits the device alone.
+            if self.policy.park(victim, self):
+                self._move(victim, CPU, plan)
+                victim.parked = True
+                self.num_parks += 1
+                return
+        self._preempt(victim, plan)
 
     def _move(self, seq: Sequence, dst: str, plan: Plan) -> None:
         src_mgr, dst_mgr = self.blocks[seq.tier], self.blocks[dst]
@@ -128,6 +147,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, plan: Plan) -> None:
         self.blocks[seq.tier].free(seq.seq_id)
+        seq.parked = False
         # Moved to the host earlier in this plan, then evicted from there too: its KV is
         # dropped, so the copy must not run (its destination blocks are free again).
         plan.swaps = [s for s in plan.swaps if s.seq is not seq]
@@ -143,19 +163,25 @@ class Scheduler:
         for seq in self.tier_seqs(CPU):              # oldest first
             if not self.policy.wants_swap_in(seq, self):
                 break
-            # Keep one free block per device-resident request so the next decode step fits.
-            headroom = len(self.tier_seqs(GPU)) + 1
+            # Keep one free block per device-resident request so the next decode step fits. A
+            # parked request keeps only the spare block a new admission keeps (`place`), as
+            # a preempted one would be admitted again: it waits for the device, and the
+            # device's waiting requests wait behind it.
+            n_dev = len(self.tier_seqs(GPU))
+            headroom = (1 if n_dev else 0) if seq.parked else n_dev + 1
             if gpu.blocks_needed(seq.num_tokens) + headroom > gpu.num_free:
                 break
             self._move(seq, GPU, plan)
+            seq.parked = False
             if seq.is_decoding:
                 gpu.grow(seq.seq_id, seq.num_tokens)
-                plan.cpu_decodes.remove(seq)
+                if seq in plan.cpu_decodes:          # a parked request was not planned
+                    plan.cpu_decodes.remove(seq)
                 plan.gpu_decodes.append(seq)
 
     def _admit(self, plan: Plan) -> None:
         budget = self.max_num_batched_tokens - len(plan.gpu_decodes) - len(plan.cpu_decodes)
-        for seq in [s for s in self.running if not s.is_decoding]:   # unfinished chunked prefills
+        for seq in [s for s in self.running if not s.is_decoding and not s.parked]:   # chunked prefills
             n = min(seq.remaining_prefill, budget)
             if n <= 0 or not self.blocks[seq.tier].can_grow(seq.seq_id, seq.num_computed + n):
                 continue

@@ -39,6 +39,9 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     num_swaps: int = 0
+    # Evicted from a full device to the host tier, where its KV waits for room on the device
+    # without decoding (copying it out and back costs less than recomputing it).
+    parked: bool = False
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)

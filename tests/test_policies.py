@@ -36,6 +36,16 @@ class CostlyHost:
         return 1.0 + 0.01 * shape.num_tokens + (100.0 if host else 0.0)
 
 
+class CostlyHostCheapCopies(CostlyHost):
+    """Host decoding still never pays, but copying KV is free and a prefilled token costs 0.05:
+    apex parks evicted requests on the host (no decoding there) instead of preempting them."""
+
+    def iteration_time(self, shape: BatchShape, strategy: Strategy) -> float:
+        if shape.num_tokens == 0:
+            return 0.0                                   # a plan of swaps only
+        return super().iteration_time(shape, strategy) + 0.05 * sum(shape.prefill_tokens)
+
+
 class CostlyBesidePrefill:
     """Host decodes pay in decode-only iterations but cost far more than they bring beside a
     prefill: apex offloads requests, then defers them whenever an iteration prefills, until
@@ -64,6 +74,7 @@ CASES = {
     "apex": (dict(policy="apex", gpu_kv_blocks=6, latency_margin=1.0), CheapHost()),
     "apex-defers": (dict(policy="apex", gpu_kv_blocks=6), CostlyBesidePrefill()),
     "apex-costly-host": (dict(policy="apex", gpu_kv_blocks=6), CostlyHost()),
+    "apex-parks": (dict(policy="apex", gpu_kv_blocks=6), CostlyHostCheapCopies()),
     "apex-roomy": (dict(policy="apex"), CheapHost()),
 }
 
@@ -89,6 +100,10 @@ def test_same_tokens_under_every_policy(gqa_llama3_ckpt, reference, case):
     if case == "apex-costly-host":
         assert not any(r.plan.uses_host for r in records) and not swaps
         assert any(r.plan.preempted for r in records)          # the device is tight
+    if case == "apex-parks":                                    # out, then back, never run there
+        assert not any(r.plan.uses_host for r in records) and not any(r.plan.preempted for r in records)
+        assert {s.dst_tier for s in swaps} == {CPU, GPU}
+        assert engine.scheduler.num_parks > 0
     if case == "apex-roomy":                                    # everything fits the device
         assert strategies == {Strategy.GPU_ONLY} and not swaps
 

@@ -312,6 +312,99 @@ def test_swap_out_on_overflow(R, moved):
     sched.check_integrity()
 
 
+class CopyModel(DesignModel):
+    """The design model with host attention 50x slower (host decoding never pays), plus a
+    price for copying KV (`copy` per block moved) and for prefilling (`prefill` per token)."""
+
+    def __init__(self, copy: float, prefill: float = 0.01):
+        super().__init__(R=50.0)
+        self.copy, self.prefill = copy, prefill
+
+    def iteration_time(self, shape: BatchShape, strategy: Strategy) -> float:
+        return (super().iteration_time(shape, strategy)
+                + self.copy * (shape.swap_out_blocks + shape.swap_in_blocks)
+                + self.prefill * sum(shape.prefill_tokens))
+
+
+@pytest.mark.parametrize("copy,parked", [(0.01, True), (1.0, False)])
+def test_an_evicted_request_is_parked_when_copying_beats_recomputing(copy, parked):
+    """Host decoding does not pay, so the evicted request is not offloaded. Its 2 cached blocks
+    out and back cost 4 x copy; recomputing its 33 tokens costs 0.33. Cheap copies park it on
+    the host (it does not decode there); dear ones preempt it."""
+    sched = make_sched(ApexPolicy(cfg(), CopyModel(copy)), gpu_blocks=4, cpu_blocks=64)
+    old = decoding(sched, GPU, ctx=33)
+    new = decoding(sched, GPU, ctx=33)
+    plan = sched.schedule()
+    if parked:
+        assert [(s.seq, s.dst_tier) for s in plan.swaps] == [(new, CPU)] and not plan.preempted
+        assert new.parked and new.tier == CPU and new.status is Status.RUNNING
+        assert not plan.uses_host and plan.strategy is Strategy.GPU_ONLY
+        assert sched.num_parks == 1
+    else:
+        assert not plan.swaps and plan.preempted == [new] and not new.parked
+    assert plan.gpu_decodes == [old]
+    sched.check_integrity()
+
+
+def test_a_parked_request_waits_without_decoding_then_returns_before_new_ones():
+    """Parked, a request neither decodes nor trips the starvation guard; a new request that
+    would fit the device waits behind it (first come, first served); when the device empties
+    it comes back and finishes. Nothing is preempted or recomputed."""
+    sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=64)
+    old = decoding(sched, GPU, ctx=17, max_tokens=PATIENCE + 4)   # needs a 2nd block, no 3rd
+    parked = decoding(sched, GPU, ctx=33, max_tokens=5)           # needs a 3rd: evicted
+    late = new_seq(5, max_tokens=3)                               # 1 block: would fit beside old
+    order = []
+    for i in range(200):
+        if not sched.has_work():
+            break
+        if i == 1:
+            sched.add(late)
+        plan = step(sched)
+        assert "starvation" not in plan.reason and not plan.preempted
+        order += [s.seq.seq_id for s in plan.swaps if s.dst_tier == GPU]
+        order += [s.seq_id for s, _ in plan.prefills]
+        if parked.parked:
+            assert parked.num_output == 0 and all(s is not parked for s, _ in plan.scheduled)
+    assert order == [parked.seq_id, late.seq_id]
+    assert [s.num_output for s in (old, parked, late)] == [PATIENCE + 4, 5, 3]
+    assert sched.num_preemptions == 0 and sched.num_parks == 1
+
+
+def test_a_parked_request_decodes_on_the_host_once_that_pays():
+    """Parked while host decoding does not pay; when it does (here the host gets 50x faster),
+    the request is asked again (within RECHECK iterations: a "no" stands that long while the
+    running requests stay the same) and decodes on the host."""
+    model = CopyModel(0.01)
+    sched = make_sched(ApexPolicy(cfg(), model), gpu_blocks=4, cpu_blocks=64)
+    decoding(sched, GPU, ctx=17)
+    parked = decoding(sched, GPU, ctx=33)
+    step(sched)
+    assert parked.parked
+    model.R = 1.0
+    for _ in range(RECHECK + 1):
+        plan = step(sched)
+        if not parked.parked:
+            break
+    assert not parked.parked and parked.tier == CPU and plan.cpu_decodes == [parked]
+    assert parked.num_output == 1 and plan.uses_host
+
+
+def test_a_parked_request_comes_back_with_the_admission_reserve():
+    """A parked request returns as a preempted one would be admitted again: with one spare
+    device block, not one per device request (which would keep the device half idle while
+    the queue waits behind it)."""
+    sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=6, cpu_blocks=64)
+    short = decoding(sched, GPU, ctx=17, max_tokens=1)   # 1 block, needs a 2nd; then done
+    other = decoding(sched, GPU, ctx=17)                 # the same, and keeps running
+    parked = decoding(sched, GPU, ctx=33)                # 2 blocks, needs a 3rd: evicted
+    step(sched)
+    assert parked.parked and short.status is Status.FINISHED
+    plan = step(sched)                  # 4 blocks free: 3 for `parked` + 1 spare, beside `other`
+    assert [(s.seq, s.dst_tier) for s in plan.swaps] == [(parked, GPU)]
+    assert not parked.parked and plan.gpu_decodes == [other, parked]
+
+
 def test_swap_in_when_room_frees():
     sched = make_sched(ApexPolicy(cfg(), DesignModel()), gpu_blocks=16, cpu_blocks=64)
     host = decoding(sched, CPU, ctx=40)
