@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from apex_mini import SamplingParams
 from conftest import mixed_prompts, run_greedy
@@ -61,6 +62,9 @@ def run(path, predictor=None, **options):
     return run_greedy(path, mixed_prompts(), GREEDY, predictor, **options)
 
 
+CUDA = torch.cuda.is_available()
+
+
 @pytest.fixture(scope="module")
 def reference(gqa_llama3_ckpt):
     tokens, _ = run(gqa_llama3_ckpt, policy="gpu-only")
@@ -113,3 +117,20 @@ def test_apex_host_placement_when_device_is_full(gqa_llama3_ckpt):
     placed_on_host = [r for r in engine.records if r.shape.n_host_prefill_tokens]
     moved = [s for r in engine.records for s in r.plan.swaps if s.dst_tier == CPU]
     assert placed_on_host or moved
+
+
+@pytest.mark.parametrize("case", ["static", "static-1.0", "neo", "apex", "apex-parks"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_same_tokens_under_every_policy(gqa_llama3_ckpt, reference, case):
+    """On CUDA the host tier is pinned, swaps run on the copy stream and host attention on the
+    worker overlaps device kernels: the tokens must still equal the CPU's gpu-only run, with
+    requests moved both ways (neo, apex, apex-parks) and every request on the host (f = 1)."""
+    options, predictor = (dict(policy="static", cpu_fraction=1.0), None) if case == "static-1.0" \
+        else CASES[case]
+    tokens, engine = run(gqa_llama3_ckpt, predictor, device="cuda", **options)
+    assert tokens == reference
+    if case in ("neo", "apex", "apex-parks"):
+        swaps = [s for r in engine.records for s in r.plan.swaps]
+        assert {s.dst_tier for s in swaps} == {CPU, GPU}
+
