@@ -84,8 +84,8 @@ class PredictivePolicy:
         would only sit on the host, deferred, until the starvation guard forced it through; it
         waits for the device instead, or is preempted, as under GPU-only.
 
-        While the device is full the queue's head, and every parked request, is asked about
-        every iteration. A "no" stands for the next `RECHECK` asks about the same request with
+        While the device is full the queue's head, and the oldest parked request, are asked
+        about every iteration. A "no" stands for the next `RECHECK` asks about the same request with
         the same running requests in the same tiers (their contexts grow by a token an
         iteration, which moves the prediction little): the search costs a few predictor calls,
         as much as the rest of `schedule()`."""
@@ -120,10 +120,11 @@ class PredictivePolicy:
     def park(self, seq: Sequence, sched) -> bool:
         """Park an evicted request (its KV copied to the host, and back when the device has
         room) rather than preempt it, when the two copies are predicted to cost less than
-        recomputing its context: a preempted request prefills its prompt and output again, in
-        chunks of the token budget. Each chunk is priced as a prefill-only iteration less one
-        of a single token, the part any iteration pays anyway (weights, overhead), so both
-        sides of the difference take the same execution path."""
+        recomputing what preemption drops: its `num_computed` cached tokens, prefilled again
+        in chunks of the token budget (the rest of a prompt is prefilled either way). Each
+        chunk is priced as a prefill-only iteration less one of a single token, the part any
+        iteration pays anyway (weights, overhead), so both sides of the difference take the
+        same execution path. Nothing cached, nothing to save: preempted."""
         blocks = sched.blocks[GPU].blocks_needed(seq.num_computed)
         t = self.predictor.iteration_time
         copies = (t(BatchShape(swap_out_blocks=blocks), Strategy.GPU_ONLY)
@@ -131,8 +132,8 @@ class PredictivePolicy:
         t_one = t(BatchShape(prefill_tokens=(1,), prefill_context=(1,)), Strategy.GPU_ONLY)
         chunk = max(1, sched.max_num_batched_tokens)
         recompute, done = 0.0, 0
-        while done < seq.num_tokens:
-            fed = min(chunk, seq.num_tokens - done)
+        while done < seq.num_computed and recompute <= copies:      # stop once it is decided
+            fed = min(chunk, seq.num_computed - done)
             done += fed
             shape = BatchShape(prefill_tokens=(fed,), prefill_context=(done,))
             recompute += max(0.0, t(shape, Strategy.GPU_ONLY) - t_one)

@@ -73,7 +73,7 @@ class Scheduler:
         if seq in self.running:
             self.blocks[seq.tier].free(seq.seq_id)
             self.running.remove(seq)
-        seq.status, seq.tier, seq.finish_reason = Status.FINISHED, None, "abort"
+        seq.status, seq.tier, seq.finish_reason, seq.parked = Status.FINISHED, None, "abort", False
 
     def usable(self, manager: BlockManager) -> bool:
         return manager is self.blocks[GPU] or self.policy.uses_host
@@ -96,17 +96,21 @@ class Scheduler:
         return plan
 
     def _grow_decodes(self, plan: Plan) -> None:
-        ask_parked = True
-        for seq in [s for s in self.running if s.is_decoding]:       # oldest first
-            if seq.parked:                           # its KV waits for the device, unless
-                # decoding it on the host now pays. After a "no", the younger ones wait too.
-                ask_parked = ask_parked and self.policy.offload(seq, self)
-                if not ask_parked:
+        # A parked request waits for the device (`_swap_in`), unless decoding it on the host
+        # now pays: while the device is busy the oldest is asked; after a "no" the younger
+        # ones wait too. An empty device takes it back instead.
+        device_busy, ask = bool(self.tier_seqs(GPU)), True
+        for seq, was_parked in [(s, s.parked) for s in self.running if s.is_decoding]:   # oldest first
+            if seq.parked:
+                if not was_parked or (not device_busy and self.fits(seq, GPU)):
+                    continue                         # parked by this pass, or coming back
+                ask = ask and self.policy.offload(seq, self)
+                if not ask:
                     continue
                 seq.parked = False
             while seq.status is Status.RUNNING and not self.blocks[seq.tier].can_grow(seq.seq_id, seq.num_tokens):
                 self._evict_newest(seq.tier, plan)
-            if seq.status is Status.RUNNING:
+            if seq.status is Status.RUNNING and not seq.parked:     # parked: it evicted itself
                 self.blocks[seq.tier].grow(seq.seq_id, seq.num_tokens)
                 (plan.gpu_decodes if seq.tier == GPU else plan.cpu_decodes).append(seq)
         # A request evicted after it was planned must not run this iteration.
@@ -160,7 +164,9 @@ class Scheduler:
 
     def _swap_in(self, plan: Plan) -> None:
         gpu = self.blocks[GPU]
-        for seq in self.tier_seqs(CPU):              # oldest first
+        # Parked requests first (they make no progress on the host), then the others; oldest
+        # first within each.
+        for seq in sorted(self.tier_seqs(CPU), key=lambda s: not s.parked):
             if not self.policy.wants_swap_in(seq, self):
                 break
             # Keep one free block per device-resident request so the next decode step fits. A

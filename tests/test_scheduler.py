@@ -390,6 +390,117 @@ def test_a_parked_request_decodes_on_the_host_once_that_pays():
     assert parked.num_output == 1 and plan.uses_host
 
 
+def test_a_request_that_evicts_itself_is_parked_and_does_not_run():
+    """The newest device request needs a block for its own next token: it is its own victim.
+    Parked, it must not then be grown on the host and planned as a host decode. (Dear copies
+    make the iteration that parks it slow, which widens the latency bound enough for `choose`
+    to run a host decode that `offload` refused.)"""
+    model = CopyModel(copy=2.0, prefill=0.5)
+    model.R = 5.0
+    sched = make_sched(ApexPolicy(cfg(), model), gpu_blocks=3, cpu_blocks=64)
+    old = decoding(sched, GPU, ctx=10)              # 1 block, room for its next token
+    new = decoding(sched, GPU, ctx=33)              # 2 blocks, its next token needs a 3rd
+    for _ in range(PATIENCE + 2):                   # past the starvation guard's patience
+        plan = step(sched)
+        assert new.parked and new.tier == CPU and new.num_output == 0
+        assert plan.gpu_decodes == [old] and not plan.cpu_decodes and not plan.uses_host
+
+
+def test_a_parked_request_that_needs_the_whole_device_comes_back_to_it():
+    """Parked beside a one-block request, it needs all 4 device blocks. When the device
+    empties it must come back there (an empty device keeps no spare block), not be offloaded
+    for good to a host 50x slower because "the host is the only place" for it."""
+    sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=64)
+    decoding(sched, GPU, ctx=17, max_tokens=3)      # 1 block, needs a 2nd
+    big = decoding(sched, GPU, ctx=49, max_tokens=8)   # 3 blocks; 49 tokens need all 4
+    on_host = on_device = 0
+    while sched.has_work():
+        plan = step(sched)
+        on_host += big in plan.cpu_decodes
+        on_device += big in plan.gpu_decodes
+    assert sched.num_parks >= 1 and on_host == 0 and on_device == 8
+
+
+def test_a_parked_prefill_returns_ahead_of_a_host_request_too_big_for_the_device():
+    """A request parked mid-prefill makes no progress on the host (its prefill is not
+    continued there), so it comes back before any other host request: here an older one that
+    never fits the device would otherwise hold it out, with the device idle, for good."""
+    sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=64, budget=64)
+    huge = decoding(sched, CPU, ctx=100, max_tokens=150)   # 7 blocks: never fits the device
+    short = decoding(sched, GPU, ctx=17, max_tokens=PATIENCE + 4)   # 1 block, needs a 2nd
+    half = new_seq(48, max_tokens=4)                        # 16 of 48 prefilled, on the device
+    half.status, half.tier, half.num_computed = Status.RUNNING, GPU, 16
+    sched.blocks[GPU].grow(half.seq_id, 48)
+    sched.running.append(half)                              # the device is full
+    step(sched)
+    assert half.parked
+    for _ in range(PATIENCE + 8):                           # past the guard's patience
+        plan = step(sched)
+        if not half.parked:                                 # back, and prefilled on the device
+            break
+        assert half.num_computed == 16 and all(s is not half for s, _ in plan.prefills)
+    assert not half.parked and half.tier == GPU
+    for _ in range(8):
+        step(sched)
+    assert short.status is Status.FINISHED and half.status is Status.FINISHED
+    assert half.num_output == 4 and huge.status is Status.RUNNING and sched.num_preemptions == 0
+
+
+def test_a_parked_request_evicted_from_a_full_host_is_preempted_and_finishes():
+    """The host fills up under an older host request, whose next token needs the parked
+    request's room: the parked one (newest on the host) is preempted, loses its parked state
+    and is recomputed later on the device, like any preempted request."""
+    model = CopyModel(0.01)
+    model.R = 1.5          # one host decode pays within the bound; two (with `parked`) do not
+    sched = make_sched(ApexPolicy(cfg(), model), gpu_blocks=4, cpu_blocks=6)
+    host = decoding(sched, CPU, ctx=40, max_tokens=40)  # 3 blocks; 4 at token 49, 5 at 65
+    old = decoding(sched, GPU, ctx=17, max_tokens=40)   # 1 block, needs a 2nd
+    parked = decoding(sched, GPU, ctx=33, max_tokens=4)  # 2 blocks, needs a 3rd: evicted
+    step(sched)
+    assert parked.parked and parked.tier == CPU
+    while parked.num_preemptions == 0:
+        step(sched)
+        assert host.num_output < 30, "the host request never needed the parked one's room"
+    assert not parked.parked and parked.status is Status.WAITING and sched.waiting[0] is parked
+    while sched.has_work():
+        step(sched)
+    assert [s.num_output for s in (host, old, parked)] == [40, 40, 4]
+
+
+def test_aborting_a_parked_request_frees_it_and_opens_the_device():
+    sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=64)
+    decoding(sched, GPU, ctx=17)
+    parked = decoding(sched, GPU, ctx=33)
+    step(sched)
+    late = new_seq(5)
+    sched.add(late)
+    assert parked.parked and step(sched).prefills == []       # waits behind the parked one
+    sched.abort(parked)
+    assert not parked.parked and parked.status is Status.FINISHED
+    assert sched.blocks[CPU].num_free == 64
+    assert [s for s, _ in step(sched).prefills] == [late] and late.tier == GPU
+
+
+def test_park_prices_what_preemption_drops():
+    """Preempting drops only the cached tokens (`num_computed`); the rest of a prompt is
+    prefilled either way. 16 cached tokens of a 2,000-token prompt cost 0.15 to recompute,
+    less than their block out and back (0.4): preempted. With copies at 0.01 a block, a
+    decoding request's 500 cached tokens (4.99) cost more than 32 blocks out and back (0.64):
+    parked."""
+    policy = ApexPolicy(cfg(), CopyModel(copy=0.2, prefill=0.01))
+    sched = make_sched(policy, gpu_blocks=200, cpu_blocks=400)
+    prompt = new_seq(2000)
+    prompt.status, prompt.tier, prompt.num_computed = Status.RUNNING, GPU, 16
+    sched.blocks[GPU].grow(prompt.seq_id, 2000)
+    sched.running.append(prompt)
+    assert policy.park(prompt, sched) is False
+    prompt.num_computed = 0
+    assert policy.park(prompt, sched) is False                 # nothing cached: nothing to save
+    policy.predictor.copy = 0.01
+    long = decoding(sched, GPU, ctx=501)
+    assert policy.park(long, sched) is True
+
+
 def test_a_parked_request_comes_back_with_the_admission_reserve():
     """A parked request returns as a preempted one would be admitted again: with one spare
     device block, not one per device request (which would keep the device half idle while
