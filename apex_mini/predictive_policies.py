@@ -82,11 +82,11 @@ class PredictivePolicy:
         there, with the device's running requests, must be predicted to beat the GPU-only plan
         of the device's requests (within the latency bound, for apex). Otherwise the request
         would only sit on the host, deferred, until the starvation guard forced it through; it
-        waits for the device instead, or is preempted, as under GPU-only.
+        waits for the device instead (a new request), or is parked or preempted (an evicted one).
 
         While the device is full the queue's head, and the oldest parked request, are asked
-        about every iteration. A "no" stands for the next `RECHECK` asks about the same request with
-        the same running requests in the same tiers (their contexts grow by a token an
+        about every iteration. A "no" stands for the next `RECHECK` asks about the same request
+        with the same running requests in the same tiers (their contexts grow by a token an
         iteration, which moves the prediction little): the search costs a few predictor calls,
         as much as the rest of `schedule()`."""
         running = tuple((s.seq_id, s.tier, s.parked) for s in sched.running)
@@ -106,7 +106,8 @@ class PredictivePolicy:
 
     def _host_pays(self, seq: Sequence, sched) -> bool:
         dev = [s for s in sched.running if s.tier == GPU and s is not seq]
-        host = [s for s in sched.running if s.tier == CPU and not s.parked and s is not seq] + [seq]
+        host = [s for s in sched.running if s.tier == CPU and not s.parked and s is not seq]
+        host.append(seq)
         base = BatchShape(n_gpu_decodes=len(dev), gpu_decode_kv=sum(s.num_tokens for s in dev),
                           gpu_decode_max_kv=max((s.num_tokens for s in dev), default=0))
         if not dev:

@@ -100,7 +100,8 @@ class Scheduler:
         # now pays: while the device is busy the oldest is asked; after a "no" the younger
         # ones wait too. An empty device takes it back instead.
         device_busy, ask = bool(self.tier_seqs(GPU)), True
-        for seq, was_parked in [(s, s.parked) for s in self.running if s.is_decoding]:   # oldest first
+        decoding = [(s, s.parked) for s in self.running if s.is_decoding]     # oldest first
+        for seq, was_parked in decoding:
             if seq.parked:
                 if not was_parked or (not device_busy and self.fits(seq, GPU)):
                     continue                         # parked by this pass, or coming back
@@ -187,7 +188,8 @@ class Scheduler:
 
     def _admit(self, plan: Plan) -> None:
         budget = self.max_num_batched_tokens - len(plan.gpu_decodes) - len(plan.cpu_decodes)
-        for seq in [s for s in self.running if not s.is_decoding and not s.parked]:   # chunked prefills
+        prefilling = [s for s in self.running if not s.is_decoding and not s.parked]
+        for seq in prefilling:                       # unfinished chunked prefills
             n = min(seq.remaining_prefill, budget)
             if n <= 0 or not self.blocks[seq.tier].can_grow(seq.seq_id, seq.num_computed + n):
                 continue
