@@ -98,12 +98,12 @@ class Scheduler:
     def _grow_decodes(self, plan: Plan) -> None:
         # A parked request waits for the device (`_swap_in`), unless decoding it on the host
         # now pays: while the device is busy the oldest is asked; after a "no" the younger
-        # ones wait too. An empty device takes it back instead.
-        device_busy, ask = bool(self.tier_seqs(GPU)), True
+        # ones wait too. An empty device (now: this pass may have emptied it) takes it back.
+        ask = True
         decoding = [(s, s.parked) for s in self.running if s.is_decoding]     # oldest first
         for seq, was_parked in decoding:
             if seq.parked:
-                if not was_parked or (not device_busy and self.fits(seq, GPU)):
+                if not was_parked or (not self.tier_seqs(GPU) and self.fits(seq, GPU)):
                     continue                         # parked by this pass, or coming back
                 ask = ask and self.policy.offload(seq, self)
                 if not ask:
@@ -176,7 +176,10 @@ class Scheduler:
             # device's waiting requests wait behind it.
             n_dev = len(self.tier_seqs(GPU))
             headroom = (1 if n_dev else 0) if seq.parked else n_dev + 1
-            if gpu.blocks_needed(seq.num_tokens) + headroom > gpu.num_free:
+            need = gpu.blocks_needed(seq.num_tokens)
+            if need + headroom > gpu.num_free:
+                if need + (0 if seq.parked else 1) > gpu.num_blocks:
+                    continue                         # could never come back: no one waits on it
                 break
             self._move(seq, GPU, plan)
             seq.parked = False

@@ -421,6 +421,33 @@ def test_a_parked_request_that_needs_the_whole_device_comes_back_to_it():
     assert sched.num_parks >= 1 and on_host == 0 and on_device == 8
 
 
+def test_a_device_emptied_within_one_pass_still_takes_its_parked_request_back():
+    """`old` outgrows the 4-block device: its growth parks `p` (3 blocks; 49 tokens need all
+    4), later it offloads itself, emptying the device in the middle of a pass. `p` must then
+    come back (it fits alone), not be offloaded for good because "the host is its only
+    place": its decodes at contexts 49..64 run on the device (16), only 65..68 on the host."""
+    sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=64)
+    decoding(sched, GPU, ctx=17, max_tokens=60)
+    p = decoding(sched, GPU, ctx=49, max_tokens=20)
+    on_host = on_device = 0
+    while sched.has_work():
+        plan = step(sched)
+        on_host += p in plan.cpu_decodes
+        on_device += p in plan.gpu_decodes
+    assert sched.num_parks >= 1 and (on_device, on_host) == (16, 4)
+
+
+def test_a_host_request_too_big_for_the_device_does_not_hold_others_on_the_host():
+    """Swap-in goes oldest first and stops at the first that does not fit, so that nobody
+    overtakes a request waiting for room; one that could never fit the device waits for
+    nothing and must not keep younger ones on the host while the device stands empty."""
+    sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=64)
+    huge = decoding(sched, CPU, ctx=100)                   # 7 blocks
+    small = decoding(sched, CPU, ctx=17)                   # 2 blocks
+    plan = step(sched)
+    assert [(s.seq, s.dst_tier) for s in plan.swaps] == [(small, GPU)] and huge.tier == CPU
+
+
 def test_a_parked_prefill_returns_ahead_of_a_host_request_too_big_for_the_device():
     """A request parked mid-prefill makes no progress on the host (its prefill is not
     continued there), so it comes back before any other host request: here an older one that
