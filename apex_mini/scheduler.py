@@ -8,8 +8,9 @@ appear here. Each `schedule()`:
    there if the policy offloads it, or parked there (its KV waits, without decoding, for room
    on the device) if the policy finds that cheaper than recomputing it; else it is preempted.
    A parked request starts decoding on the host once the policy would offload it. When the
-   device has room, host-resident requests come back (swap in), oldest first. Never both in
-   one iteration.
+   device has room, host-resident requests come back (swap in): parked ones first, then the
+   others, oldest first (one that could never fit the device waits for nothing and is passed
+   over). Never both in one iteration.
 2. continues chunked prefills, then admits waiting requests first come first served, each
    placed by the policy, within the token budget.
 3. lets the policy pick the strategy and how many host-resident decodes run.
