@@ -75,7 +75,7 @@ def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
     undercounted). They are bounded by the run itself, whose requests are all kept anyway."""
     sched = engine.scheduler
     records = []                                            # this run's iterations, in order
-    preempt0, swaps0 = sched.num_preemptions, sched.num_swaps
+    preempt0, swaps0, parks0 = sched.num_preemptions, sched.num_swaps, sched.num_parks
     pending = collections.deque(zip(specs, prompts))
     seqs = []
     bar = tqdm(total=len(specs), desc=engine.policy_name, unit="req", disable=not progress)
@@ -100,7 +100,7 @@ def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
     for record in records:
         tally.add(record.plan)
     row = metrics.summarize(seqs, start, tally, sched.num_preemptions - preempt0,
-                            sched.num_swaps - swaps0)
+                            sched.num_swaps - swaps0, sched.num_parks - parks0)
     if engine.predictor is not None:
         row["predictor_error"] = engine.predictor.error_report(records)
     return row

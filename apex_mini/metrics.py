@@ -7,8 +7,9 @@ simulator's is simulated):
     TPOT   time per output token after the first = (finish - first token) / (outputs - 1)
 
 Per policy: output tokens/s over the run (from the start to the last finish), TTFT and TPOT at
-p50 and p99, requests completed, preemptions, swaps, and the strategy mix (the fraction of
-iterations that ran each `Strategy`).
+p50 and p99, requests completed, preemptions, swaps (moves between tiers, either way) and
+parks (the swaps out that parked an evicted request on the host instead of preempting it), and
+the strategy mix (the fraction of iterations that ran each `Strategy`).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import numpy as np
 from .plan import Plan, Strategy
 
 FIELDS = ("throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "completed",
-          "num_requests", "preemptions", "swaps", "strategy_mix", "ratio_to_gpu_only")
+          "num_requests", "preemptions", "swaps", "parks", "strategy_mix", "ratio_to_gpu_only")
 
 
 POLICY_NAMES = ("gpu-only", "static", "neo", "apex")
@@ -92,7 +93,7 @@ def latencies(seqs) -> tuple[list[float], list[float]]:
 
 
 def summarize(seqs, start: float, tally: IterationTally, preemptions: int, swaps: int,
-              keep_samples: bool = True) -> dict:
+              parks: int = 0, keep_samples: bool = True) -> dict:
     """One policy's row. `seqs` are every request of the run, `start` the clock at t = 0."""
     done = [s for s in seqs if s.finish_time is not None]
     end = max((s.finish_time for s in done), default=start)
@@ -103,7 +104,7 @@ def summarize(seqs, start: float, tally: IterationTally, preemptions: int, swaps
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
         "tpot_p50_s": percentile(tpot, 50), "tpot_p99_s": percentile(tpot, 99),
         "completed": len(done), "num_requests": len(seqs),
-        "preemptions": preemptions, "swaps": swaps,
+        "preemptions": preemptions, "swaps": swaps, "parks": parks,
         "strategy_mix": tally.mix(), "ratio_to_gpu_only": None,
         "output_tokens": tokens, "duration_s": end - start, "iterations": tally.iterations,
         "host_decode_iterations": tally.host_iterations, "host_decodes": tally.host_decodes,

@@ -163,7 +163,8 @@ def simulate_policy(name: str, specs: list[workloads.RequestSpec], machine: Mach
         bar.update(len(done))
     bar.close()
     sched.check_integrity()
-    return metrics.summarize(seqs, 0.0, tally, sched.num_preemptions, sched.num_swaps)
+    return metrics.summarize(seqs, 0.0, tally, sched.num_preemptions, sched.num_swaps,
+                             sched.num_parks)
 
 
 def resolve_model(name: str) -> tuple[ModelConfig, str]:

@@ -35,6 +35,7 @@ def test_every_policy_completes_every_request(tmp_path, capsys):
         assert row["tpot_p50_s"] > 0
         assert sum(row["strategy_mix"].values()) == pytest.approx(1.0)
         assert row["output_tokens"] == rep["workload"]["total_output_tokens"]
+        assert row["parks"] <= row["swaps"] and (row["parks"] == 0 or name == "apex")
     assert rep["policies"]["gpu-only"]["ratio_to_gpu_only"] == 1.0
     assert rep["policies"]["static"]["host_decodes"] > 0       # the host tier was used
     assert "| apex |" in md.read_text() and "| apex |" in capsys.readouterr().out

@@ -119,6 +119,28 @@ def test_apex_host_placement_when_device_is_full(gqa_llama3_ckpt):
     assert placed_on_host or moved
 
 
+def test_serving_reports_count_parks(gqa_llama3_ckpt):
+    """A `bench serve` row counts the parks among its swaps (each park: one swap out)."""
+    from apex_mini import bench_serve, workloads
+    from apex_mini.config import EngineConfig
+    from apex_mini.engine import load_engine
+
+    class Fake(CostlyHostCheapCopies):
+        def error_report(self, records):
+            return {}
+
+    cfg = EngineConfig(device="cpu", dtype="float32", policy="apex", gpu_kv_blocks=6)
+    engine = load_engine(str(gqa_llama3_ckpt), cfg, Fake())
+    try:
+        specs = [workloads.RequestSpec(0.0, 20 + 7 * i, 24) for i in range(6)]
+        prompts = workloads.prompt_token_ids(specs, engine.model.config.vocab_size, seed=0)
+        row = bench_serve.run_policy(engine, specs, prompts, False)
+    finally:
+        engine.close()
+    assert row["completed"] == 6 and row["preemptions"] == 0
+    assert 0 < row["parks"] == engine.scheduler.num_parks <= row["swaps"]
+
+
 @pytest.mark.parametrize("case", ["static", "static-1.0", "neo", "apex", "apex-parks"])
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
