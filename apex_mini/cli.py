@@ -78,14 +78,19 @@ def json_text(document, indent: int = 2) -> str:
     return json.dumps(finite(document), indent=indent, allow_nan=False)
 
 
-def write_json(path: str | None, report: dict) -> None:
-    """Write `report` to `path` as standard JSON (`json_text`; folders made as needed) and say
-    so on stderr; None: nothing."""
+def write_text(path: str | None, text: str) -> None:
+    """Write `text` to `path` (folders made as needed) and say so on stderr; None: nothing."""
     if not path:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json_text(report))
+    Path(path).write_text(text)
     print(f"wrote {path}", file=sys.stderr)
+
+
+def write_json(path: str | None, report: dict) -> None:
+    """Write `report` to `path` as standard JSON (`json_text`); None: nothing."""
+    if path:
+        write_text(path, json_text(report))
 
 
 # ------------------------------------------------------------------------------ input checks

@@ -232,14 +232,12 @@ def publish(rep: dict, args, title: str) -> None:
 
 def write_outputs(rep: dict, json_path: str | None, markdown_path: str | None) -> None:
     """Write the report to either path given, as standard JSON (a NaN or infinite figure
-    is written null: cli.json_text)."""
-    from .cli import json_text
-    for path, text in ((json_path, json_text(rep, indent=1)),
-                       (markdown_path, markdown(rep))):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
-            print(f"wrote {path}", file=sys.stderr)
+    is written null: cli.json_text) and as markdown."""
+    from .cli import json_text, write_text
+    if json_path:
+        write_text(json_path, json_text(rep, indent=1))
+    if markdown_path:
+        write_text(markdown_path, markdown(rep))
 
 
 def host_cpu_name() -> str:
