@@ -73,3 +73,50 @@ def test_bench_usage_and_unknown_command(capsys):
     assert bench.main([]) == 2                        # no command: usage on stderr, exit 2
     assert "kernels" in capsys.readouterr().err
     assert run_cli(lambda: bench.main(["nope"])) == 2
+
+
+@pytest.mark.parametrize("dry", [False, True], ids=["gpu", "dry"])
+def test_gpu_session_script_runs_every_step_with_flags_that_parse(tmp_path, dry):
+    """docs/gpu_session.sh, with a stand-in python3 that records its arguments: every step runs
+    and reports its exit status, the reports are archived, and each apex_mini command's flags
+    parse (a renamed flag would cost a GPU session its one call)."""
+    import importlib
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from apex_mini import profile
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    record = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\t" "$a"; done >> {record}\n'
+                    f'echo >> {record}\n')
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+               OUT=str(tmp_path / "out"), DRY="1" if dry else "0")
+    run = subprocess.run(["bash", "docs/gpu_session.sh"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    ends = [line for line in run.stdout.splitlines() if line.startswith("== ") and ": exit " in line]
+    half = len(ends) // 2                            # each step's end, then the summary again
+    assert half == 8 and ends[:half] == ends[half:], run.stdout
+    assert all(": exit 0 after" in line for line in ends), run.stdout
+    assert (tmp_path / "out" / "results.tgz").is_file()
+    assert (tmp_path / "out" / "session.log").read_text().count("exit 0") >= 8
+    calls = [line.rstrip("\t").split("\t") for line in record.read_text().splitlines()]
+    modules = [c[1] for c in calls if c[0] == "-m"]
+    assert modules.count("apex_mini.bench") == 5 and "apex_mini.profile" in modules
+    for argv in calls:
+        if argv[:2] == ["-m", "apex_mini.bench"]:
+            parser = importlib.import_module(bench.COMMANDS[argv[2]][0]).build_parser()
+            args = parser.parse_args(argv[3:])
+        elif argv[:2] == ["-m", "apex_mini.profile"]:
+            args = profile.build_parser().parse_args(argv[2:])
+        else:
+            continue
+        assert getattr(args, "device", None) in ((None, "cpu") if dry else (None, "cuda"))
