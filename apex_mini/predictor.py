@@ -222,13 +222,11 @@ class Predictor:
         """Every component in seconds (per-layer pieces already multiplied by the layer count),
         `layers_s` the critical path of the layer loop, `table_s` their sum, `correction` the
         feedback factor and `total_s` == iteration_time == table_s * correction."""
-        if shape.num_tokens == 0:
-            out = {"layers_s": 0.0, **self._per_iteration(shape)}
-            out["total_s"] = out["table_s"] = out["swap_s"]   # an empty plan only runs its swaps
-            out["correction"] = 1.0
-            return out
-        path = self.path(shape, strategy)
-        if path == "decode step":
+        path = self.path(shape, strategy) if shape.num_tokens else None
+        if path is None:                                      # an empty plan only runs its swaps
+            out = {"layers_s": 0.0, **self._per_iteration(shape), "lm_head_s": 0.0,
+                   "overhead_s": 0.0}
+        elif path == "decode step":
             out = self._decode_step(shape)
             out.update(self._per_iteration(shape), lm_head_s=0.0, overhead_s=0.0)
         elif path == "pipeline":
@@ -238,6 +236,8 @@ class Predictor:
             out = self._merged(shape)
             out.update(self._per_iteration(shape))
         out["table_s"] = out["layers_s"] + out["lm_head_s"] + out["overhead_s"] + out["swap_s"]
+        # One factor for every plan, copies alone too: a decision that sets one plan against
+        # another (apex's choice, park or preempt) is then the same with feedback as without.
         out["correction"] = self.feedback.correction() if self.feedback else 1.0
         out["total_s"] = out["table_s"] * out["correction"]
         return out

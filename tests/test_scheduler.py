@@ -662,3 +662,33 @@ def test_candidate_sizes_thin_out():
     assert candidate_sizes(5) == [1, 2, 3, 4, 5]
     big = candidate_sizes(500)
     assert big[0] == 1 and big[-1] == 500 and len(big) <= MAX_CANDIDATES + 1
+
+
+def test_the_feedback_factor_changes_no_park_verdict():
+    """The predictor's feedback factor (measured over predicted) scales every prediction alike,
+    a plan of copies alone too, so whether an evicted request is parked or preempted does not
+    depend on it: here a machine measured 5x slower, then 5x faster, than its profile."""
+    from apex_mini.cost_tables import Profile
+    from apex_mini.predictor import Predictor
+
+    profile = Profile(key={"device": "cuda", "block_size": BS}, num_layers=4,
+                      linear=[[1, 1e-3], [128, 1e-3], [2048, 0.2]],
+                      prefill_attn=[[16, 1e-4], [2048, 0.05]],
+                      gpu_decode_attn=[[1, 64, 1e-4], [8, 8192, 3e-3]],
+                      cpu_decode_attn=[[1, 64, 1e-2], [8, 8192, 4e-1]],
+                      d2h=[[1024, 1e-5], [1 << 20, 1e-3]], h2d=[[1024, 1e-5], [1 << 20, 2e-3]],
+                      lm_head=[[1, 1e-4], [64, 1e-3]], overhead=2e-3, bytes_per_token_row=512,
+                      kv_block_bytes=1 << 20, host_job_s=2e-5)
+    predictor = Predictor(profile, feedback=True)
+    policy = ApexPolicy(cfg(), predictor)
+    sched = make_sched(policy, gpu_blocks=8192, cpu_blocks=64)
+    seqs = [decoding(sched, GPU, ctx=ctx) for ctx in range(17, 4000, 97)]
+    plain = [policy.park(s, sched) for s in seqs]
+    assert True in plain and False in plain          # the verdict turns within the range
+    for factor in (5.0, 0.2):
+        for _ in range(3):
+            predictor.feedback.observe(1.0, factor)
+        assert predictor.feedback.correction() == factor
+        assert [policy.park(s, sched) for s in seqs] == plain
+        b = predictor.breakdown(BatchShape(swap_out_blocks=3), Strategy.GPU_ONLY)
+        assert b["total_s"] == pytest.approx(b["table_s"] * factor)
