@@ -157,7 +157,13 @@ COMPILED_CASES = [          # (lengths, heads, kv heads, dtype, tolerance): one 
 ]
 
 
+# Direct calls of the compiled path trace on this thread; see ca.SAFE_COMPILE_TORCH.
+old_torch = pytest.mark.skipif(not ca.compile_supported(),
+                               reason="this torch crashes compiling after a compiling thread ended")
+
+
 @pytest.mark.slow
+@old_torch
 @pytest.mark.parametrize("lens,heads,kv_heads,dtype,tol", COMPILED_CASES)
 def test_compiled_matches_reference(lens, heads, kv_heads, dtype, tol):
     case = make_case(lens, heads, kv_heads, dtype=dtype, seed=len(lens))
@@ -167,6 +173,7 @@ def test_compiled_matches_reference(lens, heads, kv_heads, dtype, tol):
 
 
 @pytest.mark.slow
+@old_torch
 def test_compiled_is_the_default_unless_disabled(monkeypatch):
     """paged_decode_attention(compiled=True) runs the fused kernel; the environment variable
     forces eager (bit-identical to calling eager directly)."""
@@ -180,6 +187,7 @@ def test_compiled_is_the_default_unless_disabled(monkeypatch):
 
 
 @pytest.mark.slow
+@old_torch
 def test_precompile_leaves_nothing_to_compile(monkeypatch):
     """After `precompile` on the worker, with the pool's own tensors, no batch size or context
     length compiles again (each graph costs seconds in a serving run's first iterations)."""
@@ -195,6 +203,28 @@ def test_precompile_leaves_nothing_to_compile(monkeypatch):
             out = worker.run_decode(case[0], *pool, *case[3:])
             assert max_error(out, naive(case[0], *pool, *case[3:])) < 1e-5
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.parametrize("version,flag,compiled", [
+    ("2.13.0+cpu", None, True), ("2.12.1", None, True), ("2.11.0+cu130", None, False),
+    ("2.11.0+cu130", "0", True), ("2.13.0", "1", False), ("3.0.0", None, True),
+])
+def test_compiling_is_off_by_default_on_torch_that_crashes(monkeypatch, version, flag, compiled):
+    """torch 2.11 crashes when a thread compiles after another thread that compiled has ended
+    (every engine's worker does, at close): there the kernel runs eager unless asked for, with
+    one warning."""
+    monkeypatch.setattr(ca.torch, "__version__", version)
+    monkeypatch.setattr(ca, "_warned_old_torch", False)
+    if flag is None:
+        monkeypatch.delenv("APEX_MINI_EAGER_CPU_ATTENTION", raising=False)
+    else:
+        monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", flag)
+    if compiled or flag is not None:
+        assert ca.compile_enabled() is compiled
+    else:
+        with pytest.warns(RuntimeWarning, match="APEX_MINI_EAGER_CPU_ATTENTION=0 to compile"):
+            assert ca.compile_enabled() is False
+        assert ca.compile_enabled() is False                  # warned once
 
 
 def test_compile_failure_falls_back_to_eager_once(monkeypatch):
