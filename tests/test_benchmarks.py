@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from apex_mini import bench, bench_kernels, cpu_attention
+from apex_mini import bench, bench_kernels
 from apex_mini.cli import run_cli
+from conftest import needs_safe_compile
 
 
-@pytest.mark.skipif(not cpu_attention.compile_supported(), reason="this torch crashes the "
-                    "process's later compiles once the worker that compiled here has ended")
+@needs_safe_compile
 def test_kernels_json_has_every_field(tmp_path, capsys):
     out = tmp_path / "kernels.json"
     assert bench.main(["kernels", "--quick", "--json", str(out)]) == 0

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from apex_mini import cpu_attention as ca
 from apex_mini.kv_cache import slots_for
+from conftest import needs_safe_compile
 
 
 def make_case(context_lens, num_heads, num_kv_heads, head_dim=16, block_size=16,
@@ -157,13 +158,8 @@ COMPILED_CASES = [          # (lengths, heads, kv heads, dtype, tolerance): one 
 ]
 
 
-# Direct calls of the compiled path trace on this thread; see ca.SAFE_COMPILE_TORCH.
-old_torch = pytest.mark.skipif(not ca.compile_supported(),
-                               reason="this torch crashes compiling after a compiling thread ended")
-
-
 @pytest.mark.slow
-@old_torch
+@needs_safe_compile
 @pytest.mark.parametrize("lens,heads,kv_heads,dtype,tol", COMPILED_CASES)
 def test_compiled_matches_reference(lens, heads, kv_heads, dtype, tol):
     case = make_case(lens, heads, kv_heads, dtype=dtype, seed=len(lens))
@@ -173,7 +169,7 @@ def test_compiled_matches_reference(lens, heads, kv_heads, dtype, tol):
 
 
 @pytest.mark.slow
-@old_torch
+@needs_safe_compile
 def test_compiled_is_the_default_unless_disabled(monkeypatch):
     """paged_decode_attention(compiled=True) runs the fused kernel; the environment variable
     forces eager (bit-identical to calling eager directly)."""
@@ -187,7 +183,7 @@ def test_compiled_is_the_default_unless_disabled(monkeypatch):
 
 
 @pytest.mark.slow
-@old_torch
+@needs_safe_compile
 def test_precompile_leaves_nothing_to_compile(monkeypatch):
     """After `precompile` on the worker, with the pool's own tensors, no batch size or context
     length compiles again (each graph costs seconds in a serving run's first iterations)."""
