@@ -82,11 +82,6 @@ class Engine:
                                            mc.num_key_value_heads, mc.head_dim, self.dtype)
         # Never more blocks than every running request at full length could use.
         most = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)
-        if self.device.type == "cuda" and not cfg.gpu_kv_blocks:
-            # Kept free for what iterations allocate and release (device_memory.py).
-            self.reserve = activation_reserve(
-                mc, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
-                cfg.block_size, self.dtype.itemsize, cfg.cuda_graphs)
         gpu_blocks = cfg.gpu_kv_blocks or min(most, self._device_kv_bytes() // per_block)
         if gpu_blocks < 1:
             reserve = (f" and a {self.reserve['total'] / 2**30:.2f} GiB activation reserve (it "
@@ -126,12 +121,17 @@ class Engine:
 
     def _device_kv_bytes(self) -> int:
         """Bytes the device KV pool may take: `gpu_memory_gb` (or, on CUDA, free memory) less
-        the weights and, on CUDA, the activation reserve."""
+        the weights and, on CUDA, the activation reserve, which it records in `self.reserve`
+        (for the error message when nothing is left, and for the CUDA tests)."""
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if self.device.type != "cuda":
             limit = self.cfg.gpu_memory_gb
             return int(limit * (1 << 30)) - weights if limit else CPU_DEVICE_KV_BYTES
         cfg = self.cfg
+        # Kept free for what iterations allocate and release (device_memory.py).
+        self.reserve = activation_reserve(
+            self.model_config, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+            cfg.block_size, self.dtype.itemsize, cfg.cuda_graphs)
         reserve = self.reserve["total"]
         free, _ = torch.cuda.mem_get_info(self.device)
         budget = free - reserve
