@@ -218,10 +218,12 @@ class EngineConfig:
     bucket_decode: bool = _flag(True, "pad decode batches to power-of-two sizes so static shapes "
                                 "can be reused")
     compile_decode: bool = _flag(False, "torch.compile the decode step's device forward (pays "
-                                 "for long runs; the first steps of each shape compile, ~30 s)")
-    prepack_weights: bool = _flag(True, "CPU: the eager decode step multiplies by a oneDNN-packed "
-                                  "copy of the weights (faster; as much memory again as the "
-                                  "weights)")
+                                 "for long runs of small batches; the first steps of each "
+                                 "shape compile, ~30 s)")
+    prepack_weights: bool = _flag(True, "CPU: the decode step multiplies by a copy of the weights "
+                                  "laid out for its products, oneDNN-packed when eager, "
+                                  "transposed when compiled (faster; as much memory again as "
+                                  "the weights)")
     latency_margin: float = _flag(0.1, "apex: allowed per-token slowdown over the GPU-only plan "
                                   "(0.1 = 10%)")
     predictor_feedback: bool = _flag(True, "scale the profile's predictions by the engine's own "

@@ -18,9 +18,9 @@ this leaner function instead:
   the gather itself: one step repeated on the same inputs ran 2.3x faster at batch 16 with the
   buffers kept (4-7% in the engine, whose allocator state varies from step to step).
 - Weights are fetched once, at construction, into plain tuples: no nn.Module call and no
-  attribute lookups per layer. On the CPU the eager step multiplies by oneDNN-packed copies,
-  q/k/v and gate/up each stacked into one product (packed_linear.py; `prepack=False` turns it
-  off).
+  attribute lookups per layer. On the CPU the step multiplies by copies of the weights laid
+  out for its products (oneDNN-packed when eager, transposed when compiled), q/k/v and gate/up
+  each stacked into one product (packed_linear.py; `prepack=False` turns the copies off).
 - Attention is one `scaled_dot_product_attention` call over the gathered context, with the G
   query heads of each KV head laid out as G query positions, so grouped-query attention needs
   no repeated K/V and no `enable_gqa` path. The gather pads every row to the batch's widest
@@ -33,8 +33,8 @@ this leaner function instead:
   order. That is what lets `torch.compile` trace it once and CUDA graphs replay it.
 
 The numerics follow model.py (RMSNorm in fp32, the same RoPE), so greedy tokens equal the
-layer loop's; only summation orders differ (SDPA instead of einsum; oneDNN's products when
-prepacked).
+layer loop's; only summation orders differ (SDPA instead of einsum; the products on a weight
+copy).
 
 Vocabulary: B = rows (padded to a bucket), W = block-table width, ctx = W * block_size,
 H = query heads, KVH = key/value heads, G = H // KVH, D = head_dim.
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .batch import DecodeInputs
 from .kv_cache import GATHER_BYTES, GatherBuffers, KVPool, gather_blocks, rows_per_gather
-from .packed_linear import StackedLinear, should_prepack
+from .packed_linear import PLAIN, StackedLinear, choose_layout
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -79,15 +79,16 @@ class DecodeStep:
         self.rotary = model.model.rotary_emb
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        # On the CPU the eager step multiplies by oneDNN-packed copies of the weights, q/k/v and
-        # gate/up stacked (packed_linear.py). Inductor cannot trace those: compile keeps F.linear.
+        # On the CPU the step multiplies by copies of the weights, q/k/v and gate/up stacked:
+        # oneDNN-packed when eager, transposed when compiled (Inductor cannot trace oneDNN's).
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        self.prepacked = should_prepack(prepack and not compile, self.device,
-                                        model.lm_head.weight.dtype, weight_bytes)
+        self.weight_layout = choose_layout(prepack, compile, self.device,
+                                           model.lm_head.weight.dtype, weight_bytes)
+        self.prepacked = self.weight_layout != PLAIN        # multiplies by a copy of the weights
 
         def proj(*modules):
-            return StackedLinear(list(modules), self.prepacked)
+            return StackedLinear(list(modules), self.weight_layout)
         self.lm_head = proj(model.lm_head)
         self.layers = []
         for layer in model.model.layers:

@@ -1,26 +1,33 @@
-"""The decode step's linear layers, and their prepacked form for the CPU.
+"""The decode step's linear layers, and the copies of their weights laid out for the CPU.
 
-`F.linear` on the CPU calls the BLAS torch was built with (MKL in the x86 wheels), which reads
-the weight in its plain [out, in] layout on every call. oneDNN can instead reorder a weight once
-into the blocked layout its matrix kernels read best ("prepacking"). A decode step is a chain
-of small products (batch rows x a few hundred columns) where that per-call work is much of the
-cost. On the 2-core AMD EPYC machine of docs/benchmarks.md, one decode step's projections of
-the shipped model, stacked and prepacked (below) against one `F.linear` per layer, measured
-side by side: 2.0x faster at 1 row, 1.7x at 16 rows, 2.0x at 64 (notebook 08).
+`F.linear` on the CPU calls the BLAS torch was built with (MKL in the x86 wheels) on the weight
+in its plain [out, in] layout, read transposed, on every call. A decode step is a chain of small
+products (batch rows x a few hundred columns) where how the weight is laid out is much of the
+cost. Two copies do better, one for each way the step runs (`choose_layout`):
 
-Layers that read the same input (q/k/v, gate/up) are stacked into one packed matrix: the packed
-copy is new memory anyway, so one larger product costs nothing more than three small ones.
+- ONEDNN, for the eager step: oneDNN reorders a weight once into the blocked layout its matrix
+  kernels read best ("prepacking"). On the 2-core AMD EPYC machine of docs/benchmarks.md, one
+  decode step's projections of the shipped model, stacked and prepacked against one `F.linear`
+  per layer, side by side: 2.0x faster at 1 row, 1.7x at 16 rows, 2.0x at 64 (notebook 08).
+- TRANSPOSED, for the compiled step: a packed oneDNN weight is an opaque tensor that
+  torch.compile cannot trace, but a plain [in, out] copy is an ordinary tensor, and Inductor
+  calls the same BLAS `mm` on it, reading it untransposed. The 17 products of a batch-1
+  step of the shipped model, one after another: 0.6 ms this way (as fast as prepacked), 1.3 to
+  1.7 ms through `F.linear` (scratch timings, 2026-12-03).
+- PLAIN: `F.linear` on the module's own weight, no copy: on CUDA (cuBLAS reads the transposed
+  weight itself), and on the CPU whenever the copy is turned off or would not fit.
 
-Trade-offs, all of them why this is an option (`prepack_weights`, on by default):
-- the packed copy takes as much memory again as the weights (skipped, with a warning, when it
-  would not fit in half of the available memory), and it is a snapshot: weights changed in
-  place after the engine is built are not seen by the decode step;
+Layers that read the same input (q/k/v, gate/up) are stacked into one copy: the copy is new
+memory anyway, so one larger product costs nothing more than three small ones.
+
+Trade-offs, all of them why the copy is an option (`prepack_weights`, on by default):
+- it takes as much memory again as the weights (skipped, with a warning, when it would not fit
+  in half of the available memory), and it is a snapshot: weights changed in place after the
+  engine is built are not seen by the decode step;
 - results equal `F.linear`'s up to fp32 rounding (another summation order, ~1e-6 relative),
   not bit for bit;
 - oneDNN packs fp32 on any x86 CPU, but bf16 and fp16 only where the CPU has their
-  instructions; elsewhere the step quietly keeps `F.linear` (`supports`);
-- packed weights are opaque oneDNN tensors that torch.compile cannot trace, so only the eager
-  step uses them (`DecodeStep(compile=True)` keeps `F.linear` and lets Inductor choose).
+  instructions; elsewhere the eager step quietly keeps PLAIN (`supports`).
 """
 from __future__ import annotations
 
@@ -70,19 +77,26 @@ def available_memory_bytes() -> int | None:
         return None
 
 
-def should_prepack(requested: bool, device: torch.device, dtype: torch.dtype,
-                   weight_bytes: int) -> bool:
-    """Prepack when asked, on the CPU, where oneDNN supports `dtype`, and with room for the copy
-    (warns when there is none)."""
-    if not (requested and device.type == "cpu" and supports(dtype)):
-        return False
+PLAIN, ONEDNN, TRANSPOSED = "plain", "onednn", "transposed"
+
+
+def choose_layout(requested: bool, compiled: bool, device: torch.device, dtype: torch.dtype,
+                  weight_bytes: int) -> str:
+    """The decode step's weight layout: on the CPU when a copy is `requested`, TRANSPOSED for a
+    `compiled` step and ONEDNN for an eager one where oneDNN supports `dtype`; else, or when the
+    copy would not fit in half of the available memory (warns), PLAIN."""
+    if not (requested and device.type == "cpu"):
+        return PLAIN
+    layout = TRANSPOSED if compiled else ONEDNN
+    if layout == ONEDNN and not supports(dtype):
+        return PLAIN
     free = available_memory_bytes()
     if free is not None and weight_bytes > free // 2:
-        warnings.warn(f"prepack_weights: a packed copy of {weight_bytes / 2**30:.1f} GiB of "
+        warnings.warn(f"prepack_weights: a {layout} copy of {weight_bytes / 2**30:.1f} GiB of "
                       f"weights would not fit in half of the {free / 2**30:.1f} GiB free; the "
                       "decode step uses the weights as they are", RuntimeWarning, stacklevel=3)
-        return False
-    return True
+        return PLAIN
+    return layout
 
 
 class StackedLinear:
@@ -90,28 +104,37 @@ class StackedLinear:
     `y = x @ [W_1; ...; W_n]^T + [b_1; ...; b_n]`, [rows, sum of out_features]. The decode step
     uses it for q/k/v and gate/up (one layer alone: o_proj, down_proj, lm_head).
 
-    Prepacked: the weights stacked into one oneDNN-packed matrix, one product. Plain: one
-    `F.linear` per layer on the module's own weight (no copy), then a concatenation.
+    `layout` (see the module docstring): ONEDNN, the weights stacked into one packed matrix;
+    TRANSPOSED, stacked into one [in, sum(out)] matrix; both one product. PLAIN: one `F.linear`
+    per layer on the module's own weight (no copy), then a concatenation.
     """
 
-    def __init__(self, modules: list[torch.nn.Linear], prepack: bool):
+    def __init__(self, modules: list[torch.nn.Linear], layout: str):
+        if layout not in (PLAIN, ONEDNN, TRANSPOSED):
+            raise ValueError(f"layout {layout!r} is not one of {PLAIN!r}, {ONEDNN!r}, {TRANSPOSED!r}")
+        self.layout = layout
         self.plain: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-        self.packed_weight = self.packed_bias = None
-        if not prepack:
+        self.weight = self.bias = None
+        if layout == PLAIN:
             self.plain = [(m.weight, m.bias) for m in modules]
             return
         weight = torch.cat([m.weight.detach() for m in modules])              # [sum(out), in]
-        # Rows the layout is tuned for; any number of rows works.
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+        if layout == ONEDNN:
+            # Rows the layout is tuned for; any number of rows works.
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+        else:
+            self.weight = weight.t().contiguous()                             # [in, sum(out)]
         if any(m.bias is not None for m in modules):
-            self.packed_bias = torch.cat([m.bias.detach() if m.bias is not None
-                                          else m.weight.new_zeros(m.out_features)
-                                          for m in modules])
+            self.bias = torch.cat([m.bias.detach() if m.bias is not None
+                                   else m.weight.new_zeros(m.out_features) for m in modules])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.packed_bias,
+        if self.layout == ONEDNN:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias,
                                                       "none", [], "")        # [rows, sum(out)]
+        if self.layout == TRANSPOSED:
+            y = x @ self.weight                                                # [rows, sum(out)]
+            return y if self.bias is None else y + self.bias
         if len(self.plain) == 1:
             return F.linear(x, *self.plain[0])
         return torch.cat([F.linear(x, w, b) for w, b in self.plain], dim=-1)

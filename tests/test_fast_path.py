@@ -205,25 +205,35 @@ def _alone(path, prompt, max_tokens):
     return out.token_ids, None
 
 
-@pytest.mark.skipif(not packed_linear.available(), reason="needs oneDNN")
+LAYOUTS = [packed_linear.TRANSPOSED,
+           pytest.param(packed_linear.ONEDNN, marks=pytest.mark.skipif(
+               not packed_linear.available(), reason="needs oneDNN"))]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 64])
 @pytest.mark.parametrize("bias", ["none", "all", "some"])
-def test_stacked_linear_matches_f_linear(rows, bias):
-    """q/k/v side by side, packed as one product or plain: each slice equals its own F.linear
-    (bit for bit plain, fp32 rounding aside packed), for any number of rows, with or without
-    biases."""
+def test_stacked_linear_matches_f_linear(rows, bias, layout):
+    """q/k/v side by side, as one product on a copy of the weights or plain: each slice equals
+    its own F.linear (bit for bit plain, fp32 rounding aside on a copy), for any number of
+    rows, with or without biases."""
     torch.manual_seed(rows)
     modules = [torch.nn.Linear(48, n, bias=(bias == "all" or (bias == "some" and i == 1)))
                for i, n in enumerate((64, 16, 16))]
     x = torch.randn(rows, 48)
-    packed = packed_linear.StackedLinear(modules, prepack=True)(x)
-    plain = packed_linear.StackedLinear(modules, prepack=False)(x)
-    assert packed.shape == plain.shape == (rows, 96)
+    copied = packed_linear.StackedLinear(modules, layout)(x)
+    plain = packed_linear.StackedLinear(modules, packed_linear.PLAIN)(x)
+    assert copied.shape == plain.shape == (rows, 96)
     expected = torch.cat([torch.nn.functional.linear(x, m.weight, m.bias) for m in modules], -1)
     assert torch.equal(plain, expected)
-    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-5)
-    single = packed_linear.StackedLinear(modules[:1], prepack=True)(x)
+    torch.testing.assert_close(copied, expected, rtol=1e-5, atol=1e-5)
+    single = packed_linear.StackedLinear(modules[:1], layout)(x)
     torch.testing.assert_close(single, expected[:, :64], rtol=1e-6, atol=1e-6)
+
+
+def test_stacked_linear_refuses_an_unknown_layout():
+    with pytest.raises(ValueError, match="layout 'packed' is not one of"):
+        packed_linear.StackedLinear([torch.nn.Linear(4, 4)], "packed")
 
 
 def test_runners_of_one_engine_share_its_decode_step(gqa_llama3_ckpt):
@@ -246,16 +256,22 @@ def test_available_memory_is_a_plausible_size():
     assert 0 < free <= total
 
 
-def test_prepack_skipped_when_the_copy_does_not_fit(monkeypatch):
-    monkeypatch.setattr(packed_linear, "available", lambda: True)
+def test_weight_layout_follows_the_step_and_the_room_left(monkeypatch):
+    """Eager CPU steps get oneDNN's packing where it supports the dtype, compiled ones the
+    transposed copy (any dtype); no copy on other devices, when turned off, or without room."""
     monkeypatch.setattr(packed_linear, "available_memory_bytes", lambda: 10 << 30)
-    monkeypatch.setattr(packed_linear, "supports", lambda dtype: True)
-    cpu, f32 = torch.device("cpu"), torch.float32
-    assert packed_linear.should_prepack(True, cpu, f32, 4 << 30)
-    with pytest.warns(RuntimeWarning, match="would not fit"):
-        assert not packed_linear.should_prepack(True, cpu, f32, 6 << 30)
-    assert not packed_linear.should_prepack(False, cpu, f32, 1)
-    assert not packed_linear.should_prepack(True, torch.device("meta"), f32, 1)
+    monkeypatch.setattr(packed_linear, "supports", lambda dtype: dtype == torch.float32)
+    cpu, f32, bf16 = torch.device("cpu"), torch.float32, torch.bfloat16
+    choose = packed_linear.choose_layout
+    assert choose(True, False, cpu, f32, 4 << 30) == packed_linear.ONEDNN
+    assert choose(True, True, cpu, f32, 4 << 30) == packed_linear.TRANSPOSED
+    assert choose(True, False, cpu, bf16, 1) == packed_linear.PLAIN      # oneDNN cannot
+    assert choose(True, True, cpu, bf16, 1) == packed_linear.TRANSPOSED
+    for compiled in (False, True):
+        with pytest.warns(RuntimeWarning, match="would not fit"):
+            assert choose(True, compiled, cpu, f32, 6 << 30) == packed_linear.PLAIN
+        assert choose(False, compiled, cpu, f32, 1) == packed_linear.PLAIN
+        assert choose(True, compiled, torch.device("meta"), f32, 1) == packed_linear.PLAIN
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -300,7 +316,10 @@ def test_compiled_decode_same_tokens(gqa_llama3_ckpt):
     for compiled in (False, True):
         llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only",
                   compile_decode=compiled)
-        assert llm.engine.runner.decode_step.compiled == compiled
+        step = llm.engine.runner.decode_step
+        assert step.compiled == compiled
+        if compiled:                                     # Inductor multiplies by a plain copy
+            assert step.weight_layout == packed_linear.TRANSPOSED
         outs[compiled] = [o.token_ids for o in llm.generate(ids, params)]
         llm.close()
     assert outs[True] == outs[False]
