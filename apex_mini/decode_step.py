@@ -41,6 +41,8 @@ H = query heads, KVH = key/value heads, G = H // KVH, D = head_dim.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -123,9 +125,25 @@ class DecodeStep:
     # ------------------------------------------------------------------ the step
 
     def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
-        """Eager entry: copy the packed ints over, run, return logits of the real rows."""
+        """Eager entry: copy the packed ints over, run, return logits of the real rows.
+
+        A compiled step that fails (no C++ compiler, an unsupported platform) runs eagerly
+        instead, from then on, with one warning; an error the eager step raises too (bad
+        input) is raised."""
         packed = inputs.packed.to(self.device, non_blocking=True)
-        logits = self.run(*DecodeInputs.views(packed, inputs.batch_size, inputs.width))
+        args = DecodeInputs.views(packed, inputs.batch_size, inputs.width)
+        if self.run is self.forward:
+            return self.forward(*args)[:inputs.num_seqs]                # [num_seqs, vocab]
+        try:
+            logits = self.run(*args)
+        except Exception as e:
+            # Rewriting this step's K/V slots is harmless: the same values go to the same places.
+            logits = self.forward(*args)
+            self.run = self.forward                         # eager worked: compiling is the problem
+            first_line = (str(e).splitlines() or [""])[0]
+            warnings.warn(f"decode step: torch.compile failed ({type(e).__name__}: "
+                          f"{first_line}); running it eagerly from now on", RuntimeWarning,
+                          stacklevel=2)
         return logits[:inputs.num_seqs]                     # [num_seqs, vocab]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

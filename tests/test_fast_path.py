@@ -325,6 +325,42 @@ def test_compiled_decode_same_tokens(gqa_llama3_ckpt):
     assert outs[True] == outs[False]
 
 
+def test_a_failing_compiled_step_falls_back_to_eager(gqa_llama3_ckpt):
+    """A compiled decode step that cannot compile (stood in for here: compiling is slow, and
+    whether a compiler is missing depends on the machine) warns once and decodes eagerly, with
+    the eager step's tokens; an error the eager step raises too still reaches the caller."""
+    ids = mixed_prompts(384, (6, 9))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only")
+    expected = [o.token_ids for o in llm.generate(ids, params)]
+    llm.close()
+
+    def no_compiler(*args):
+        raise RuntimeError("InductorError: no C++ compiler found\nmore lines")
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only",
+              compile_decode=True)
+    step = llm.engine.decode_step
+    step.run = no_compiler                              # what torch.compile returned
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .RuntimeError: InductorError: "
+                                            "no C\\+\\+ compiler found.; running it eagerly"):
+        tokens = [o.token_ids for o in llm.generate(ids, params)]
+    assert tokens == expected
+    assert step.run == step.forward and sum(llm.engine.runner.decode_shapes.values()) > 1
+    llm.close()
+
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only",
+              compile_decode=True)
+    step = llm.engine.decode_step
+    step.run = no_compiler
+
+    def bad_input(*args):
+        raise ValueError("bad step")
+    step.forward = bad_input
+    with pytest.raises(ValueError, match="bad step"):
+        llm.generate(ids, params)
+    llm.close()
+
+
 # ------------------------------------------------------------------------------------ CUDA
 
 
