@@ -92,7 +92,8 @@ def choose_layout(requested: bool, compiled: bool, device: torch.device, dtype: 
         return PLAIN
     free = available_memory_bytes()
     if free is not None and weight_bytes > free // 2:
-        warnings.warn(f"prepack_weights: a {layout} copy of {weight_bytes / 2**30:.1f} GiB of "
+        what = "oneDNN-packed" if layout == ONEDNN else "transposed"
+        warnings.warn(f"prepack_weights: a {what} copy of {weight_bytes / 2**30:.1f} GiB of "
                       f"weights would not fit in half of the {free / 2**30:.1f} GiB free; the "
                       "decode step uses the weights as they are", RuntimeWarning, stacklevel=3)
         return PLAIN
