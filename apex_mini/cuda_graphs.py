@@ -89,8 +89,8 @@ class CudaGraphDecoder:
         side = self.warmup_stream
         side.wait_stream(torch.cuda.current_stream(step.device))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                step.run_hidden(*args)
+            for _ in range(WARMUP_RUNS):                  # compiles, or falls back to eager
+                step.run_or_fall_back(step.run_hidden, step.hidden_states, args)
         torch.cuda.current_stream(step.device).wait_stream(side)
 
         graph = torch.cuda.CUDAGraph()

@@ -125,26 +125,29 @@ class DecodeStep:
     # ------------------------------------------------------------------ the step
 
     def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
-        """Eager entry: copy the packed ints over, run, return logits of the real rows.
-
-        A compiled step that fails (no C++ compiler, an unsupported platform) runs eagerly
-        instead, from then on, with one warning; an error the eager step raises too (bad
-        input) is raised."""
+        """Eager entry: copy the packed ints over, run, return logits of the real rows."""
         packed = inputs.packed.to(self.device, non_blocking=True)
         args = DecodeInputs.views(packed, inputs.batch_size, inputs.width)
-        if self.run is self.forward:
-            return self.forward(*args)[:inputs.num_seqs]                # [num_seqs, vocab]
+        logits = self.run_or_fall_back(self.run, self.forward, args)
+        return logits[:inputs.num_seqs]                     # [num_seqs, vocab]
+
+    def run_or_fall_back(self, compiled, eager, args: tuple) -> torch.Tensor:
+        """`compiled(*args)`; if compiling fails (no C++ compiler, an unsupported platform),
+        `eager(*args)` instead, and the step runs eagerly from then on (warned once). An error
+        the eager step raises too (bad input) is raised. (CUDA graphs warm up through this.)"""
+        if compiled is eager:
+            return eager(*args)
         try:
-            logits = self.run(*args)
+            return compiled(*args)
         except Exception as e:
             # Rewriting this step's K/V slots is harmless: the same values go to the same places.
-            logits = self.forward(*args)
-            self.run = self.forward                         # eager worked: compiling is the problem
+            out = eager(*args)
+            self.run, self.run_hidden = self.forward, self.hidden_states   # compiling is the problem
             first_line = (str(e).splitlines() or [""])[0]
             warnings.warn(f"decode step: torch.compile failed ({type(e).__name__}: "
                           f"{first_line}); running it eagerly from now on", RuntimeWarning,
-                          stacklevel=2)
-        return logits[:inputs.num_seqs]                     # [num_seqs, vocab]
+                          stacklevel=3)
+            return out
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 context_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:

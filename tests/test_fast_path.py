@@ -406,6 +406,30 @@ def test_cuda_graph_matches_eager_logits(gqa_llama3_ckpt):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graphs_capture_the_eager_step_when_compiling_fails(gqa_llama3_ckpt):
+    """A compiled step that cannot compile fails in the graphs' warm-up: it warns, the graphs
+    capture the eager step, and the tokens are the eager step's."""
+    ids = mixed_prompts(384, (6, 9))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm = LLM(gqa_llama3_ckpt, device="cuda", dtype="float32", policy="gpu-only", cuda_graphs=True)
+    expected = [o.token_ids for o in llm.generate(ids, params)]
+    llm.close()
+
+    def no_compiler(*args):
+        raise RuntimeError("InductorError: no C++ compiler found")
+    llm = LLM(gqa_llama3_ckpt, device="cuda", dtype="float32", policy="gpu-only", cuda_graphs=True,
+              compile_decode=True)
+    step = llm.engine.decode_step
+    step.run_hidden = no_compiler
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        tokens = [o.token_ids for o in llm.generate(ids, params)]
+    assert tokens == expected
+    assert step.run_hidden == step.hidden_states and llm.engine.runner.graphs.num_graphs >= 1
+    llm.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cpu_attention_overlaps_gpu_work(gqa_llama3_ckpt):
     """Hybrid steps stay outside the graphs and keep their overlap: the worker starts a layer's
     CPU attention before the main thread, having queued that layer's device work, arrives at
