@@ -135,7 +135,7 @@ class DecodeStep:
         """`compiled(*args)`; if compiling fails (no C++ compiler, an unsupported platform),
         `eager(*args)` instead, and the step runs eagerly from then on (warned once). An error
         the eager step raises too (bad input) is raised. (CUDA graphs warm up through this.)"""
-        if compiled is eager:
+        if compiled == eager:                               # not compiled (bound methods: ==)
             return eager(*args)
         try:
             return compiled(*args)
