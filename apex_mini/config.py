@@ -218,8 +218,9 @@ class EngineConfig:
     bucket_decode: bool = _flag(True, "pad decode batches to power-of-two sizes so static shapes "
                                 "can be reused")
     compile_decode: bool = _flag(False, "torch.compile the decode step's device forward (pays "
-                                 "for long runs of small batches; the first steps of each "
-                                 "shape compile, ~30 s)")
+                                 "for long runs; the first steps of each shape compile, ~10-30 "
+                                 "s; on the CPU batches past 4 rows run eager, on a second "
+                                 "weight copy)")
     prepack_weights: bool = _flag(True, "CPU: the decode step multiplies by a copy of the weights "
                                   "laid out for its products, oneDNN-packed when eager, "
                                   "transposed when compiled (faster; as much memory again as "

@@ -20,7 +20,8 @@ this leaner function instead:
 - Weights are fetched once, at construction, into plain tuples: no nn.Module call and no
   attribute lookups per layer. On the CPU the step multiplies by copies of the weights laid
   out for its products (oneDNN-packed when eager, transposed when compiled), q/k/v and gate/up
-  each stacked into one product (packed_linear.py; `prepack=False` turns the copies off).
+  each stacked into one product (packed_linear.py; `prepack=False` turns the copies off). A
+  compiled CPU step runs small batches only and hands larger ones to an eager twin.
 - Attention is one `scaled_dot_product_attention` call over the gathered context, with the G
   query heads of each KV head laid out as G query positions, so grouped-query attention needs
   no repeated K/V and no `enable_gqa` path. The gather pads every row to the batch's widest
@@ -48,7 +49,11 @@ import torch.nn.functional as F
 
 from .batch import DecodeInputs
 from .kv_cache import GATHER_BYTES, GatherBuffers, KVPool, gather_blocks, rows_per_gather
-from .packed_linear import PLAIN, StackedLinear, choose_layout
+from .packed_linear import ONEDNN, PLAIN, StackedLinear, choose_layout
+
+# Batch rows up to which a compiled CPU step runs itself; larger batches go to its eager twin
+# (see DecodeStep.__init__). On the machine of docs/benchmarks.md the two were level at 4 rows.
+COMPILED_CPU_MAX_ROWS = 4
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,11 +126,27 @@ class DecodeStep:
         # lazily, on its first call, so only if graphs use it.
         self.run_hidden = (torch.compile(self.hidden_states, options=options) if compile
                            else self.hidden_states)
+        # Compiled on the CPU, the step multiplies by the transposed copy, which only beats
+        # oneDNN's packed products at a few rows (docs/benchmarks.md: at batch 1 the compiled
+        # step is the faster, from batch 8 the eager one). So batches past
+        # COMPILED_CPU_MAX_ROWS go to an eager twin with the oneDNN copy, where that copy fits
+        # too (as much memory again as the weights).
+        self.eager_twin: DecodeStep | None = None
+        if compile and self.device.type == "cpu":
+            with warnings.catch_warnings():          # no room: the compiled step serves alone
+                warnings.simplefilter("ignore")
+                fits = choose_layout(prepack, False, self.device, model.lm_head.weight.dtype,
+                                     weight_bytes) == ONEDNN
+            if fits:
+                self.eager_twin = DecodeStep(model, pool, block_size, scratch_block,
+                                             compile=False, prepack=True)
 
     # ------------------------------------------------------------------ the step
 
     def __call__(self, inputs: DecodeInputs) -> torch.Tensor:
         """Eager entry: copy the packed ints over, run, return logits of the real rows."""
+        if self.eager_twin is not None and inputs.batch_size > COMPILED_CPU_MAX_ROWS:
+            return self.eager_twin(inputs)
         packed = inputs.packed.to(self.device, non_blocking=True)
         args = DecodeInputs.views(packed, inputs.batch_size, inputs.width)
         logits = self.run_or_fall_back(self.run, self.forward, args)

@@ -21,9 +21,10 @@ Layers that read the same input (q/k/v, gate/up) are stacked into one copy: the 
 memory anyway, so one larger product costs nothing more than three small ones.
 
 Trade-offs, all of them why the copy is an option (`prepack_weights`, on by default):
-- it takes as much memory again as the weights (skipped, with a warning, when it would not fit
-  in half of the available memory), and it is a snapshot: weights changed in place after the
-  engine is built are not seen by the decode step;
+- it takes as much memory again as the weights, twice that for a compiled CPU step with its
+  eager twin (decode_step.py; skipped, with a warning, when it would not fit in half of the
+  available memory), and it is a snapshot: weights changed in place after the engine is built
+  are not seen by the decode step;
 - results equal `F.linear`'s up to fp32 rounding (another summation order, ~1e-6 relative),
   not bit for bit;
 - oneDNN packs fp32 on any x86 CPU, but bf16 and fp16 only where the CPU has their

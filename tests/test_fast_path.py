@@ -325,6 +325,37 @@ def test_compiled_decode_same_tokens(gqa_llama3_ckpt):
     assert outs[True] == outs[False]
 
 
+def test_compiled_cpu_step_hands_large_batches_to_its_eager_twin(gqa_llama3_ckpt, reference):
+    """On the CPU a compiled step runs batches of up to COMPILED_CPU_MAX_ROWS rows itself and
+    larger ones on an eager twin with the oneDNN copy: the batch shrinks 8 -> 4 -> 2 -> 1 here,
+    so both run, and the tokens are the reference's. (The compiled function is stood in for by
+    the eager one: what is under test is the routing; test_compiled_decode_same_tokens
+    compiles.)"""
+    if not packed_linear.supports(torch.float32):
+        pytest.skip("no oneDNN copy here: the compiled step serves every batch")
+    llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only",
+              compile_decode=True, bucket_decode=True)
+    step = llm.engine.decode_step
+    twin = step.eager_twin
+    assert step.weight_layout == packed_linear.TRANSPOSED
+    assert twin is not None and twin.weight_layout == packed_linear.ONEDNN and not twin.compiled
+    rows = {"compiled": [], "twin": []}
+
+    def counted(name, fn):
+        def run(*args):
+            rows[name].append(args[0].shape[0])                # input_ids [B]
+            return fn(*args)
+        return run
+    step.run = counted("compiled", step.forward)
+    twin.run = counted("twin", twin.forward)
+    tokens = [o.token_ids for o in llm.generate(mixed_prompts(), PARAMS)]
+    llm.close()
+    assert tokens == reference
+    limit = decode_step.COMPILED_CPU_MAX_ROWS
+    assert rows["twin"] and min(rows["twin"]) > limit
+    assert rows["compiled"] and max(rows["compiled"]) <= limit
+
+
 def test_a_failing_compiled_step_falls_back_to_eager(gqa_llama3_ckpt):
     """A compiled decode step that cannot compile (stood in for here: compiling is slow, and
     whether a compiler is missing depends on the machine) warns once and decodes eagerly, with
