@@ -132,14 +132,12 @@ class DecodeStep:
         # COMPILED_CPU_MAX_ROWS go to an eager twin with the oneDNN copy, where that copy fits
         # too (as much memory again as the weights).
         self.eager_twin: DecodeStep | None = None
-        if compile and self.device.type == "cpu":
+        if compile and prepack and self.device.type == "cpu":
             with warnings.catch_warnings():          # no room: the compiled step serves alone
                 warnings.simplefilter("ignore")
-                fits = choose_layout(prepack, False, self.device, model.lm_head.weight.dtype,
-                                     weight_bytes) == ONEDNN
-            if fits:
-                self.eager_twin = DecodeStep(model, pool, block_size, scratch_block,
-                                             compile=False, prepack=True)
+                twin = DecodeStep(model, pool, block_size, scratch_block, compile=False,
+                                  prepack=True)
+            self.eager_twin = twin if twin.weight_layout == ONEDNN else None
 
     # ------------------------------------------------------------------ the step
 
