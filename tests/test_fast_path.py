@@ -356,6 +356,11 @@ def test_compiled_cpu_step_hands_large_batches_to_its_eager_twin(gqa_llama3_ckpt
     assert rows["compiled"] and max(rows["compiled"]) <= limit
 
 
+def no_compiler(*args):
+    """Stands in for a compiled step whose compilation fails."""
+    raise RuntimeError("InductorError: no C++ compiler found\nmore lines")
+
+
 def test_a_failing_compiled_step_falls_back_to_eager(gqa_llama3_ckpt):
     """A compiled decode step that cannot compile (stood in for here: compiling is slow, and
     whether a compiler is missing depends on the machine) warns once and decodes eagerly, with
@@ -366,8 +371,6 @@ def test_a_failing_compiled_step_falls_back_to_eager(gqa_llama3_ckpt):
     expected = [o.token_ids for o in llm.generate(ids, params)]
     llm.close()
 
-    def no_compiler(*args):
-        raise RuntimeError("InductorError: no C++ compiler found\nmore lines")
     llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only",
               compile_decode=True)
     step = llm.engine.decode_step
@@ -446,8 +449,6 @@ def test_cuda_graphs_capture_the_eager_step_when_compiling_fails(gqa_llama3_ckpt
     expected = [o.token_ids for o in llm.generate(ids, params)]
     llm.close()
 
-    def no_compiler(*args):
-        raise RuntimeError("InductorError: no C++ compiler found")
     llm = LLM(gqa_llama3_ckpt, device="cuda", dtype="float32", policy="gpu-only", cuda_graphs=True,
               compile_decode=True)
     step = llm.engine.decode_step
