@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import torch
 import torch.nn.functional as F
 
+from .compile_fallback import compiled_or_eager
 from .kv_cache import GatherBuffers, gather_blocks
 
 # Blocks per partial sum in the fused value reduction. Summing a superblock's tokens first
@@ -198,6 +199,9 @@ class _Compiled:
                                          options={"assert_indirect_indexing": False})
             return self._fn
 
+    def mark_failed(self) -> None:
+        self.failed = True
+
 
 _COMPILED = _Compiled()
 
@@ -259,19 +263,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            compiled: bool = True) -> torch.Tensor:
     """Decode attention on the host pool: the fused kernel, or eager when `compiled` is False or
     compilation ever failed (warned once). See paged_decode_attention_eager for shapes."""
+    args = (q, k_cache, v_cache, block_tables, context_lens, scale)
     if compiled and compile_enabled() and not _COMPILED.failed:
-        try:
-            return paged_decode_attention_fused(q, k_cache, v_cache, block_tables, context_lens,
-                                                scale)
-        except Exception as e:  # no C++ compiler, unsupported platform, ... or bad input
-            out = paged_decode_attention_eager(q, k_cache, v_cache, block_tables, context_lens,
-                                               scale)   # bad input raises here, as it should
-            _COMPILED.failed = True                     # eager worked: compiling is the problem
-            first_line = (str(e).splitlines() or [""])[0]
-            warnings.warn(f"CPU attention: torch.compile failed ({type(e).__name__}: "
-                          f"{first_line}); using eager from now on", RuntimeWarning, stacklevel=2)
-            return out
-    return paged_decode_attention_eager(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return compiled_or_eager(paged_decode_attention_fused, paged_decode_attention_eager, args,
+                                 "CPU attention", _COMPILED.mark_failed)
+    return paged_decode_attention_eager(*args)
 
 
 # ------------------------------------------------------------------------------------ worker

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from .batch import DecodeInputs
+from .compile_fallback import compiled_or_eager
 from .kv_cache import GATHER_BYTES, GatherBuffers, KVPool, gather_blocks, rows_per_gather
 from .packed_linear import ONEDNN, PLAIN, StackedLinear, choose_layout
 
@@ -156,17 +157,12 @@ class DecodeStep:
         the eager step raises too (bad input) is raised. (CUDA graphs warm up through this.)"""
         if compiled == eager:                               # not compiled (bound methods: ==)
             return eager(*args)
-        try:
-            return compiled(*args)
-        except Exception as e:
-            # Rewriting this step's K/V slots is harmless: the same values go to the same places.
-            out = eager(*args)
-            self.run, self.run_hidden = self.forward, self.hidden_states   # compiling is the problem
-            first_line = (str(e).splitlines() or [""])[0]
-            warnings.warn(f"decode step: torch.compile failed ({type(e).__name__}: "
-                          f"{first_line}); running it eagerly from now on", RuntimeWarning,
-                          stacklevel=3)
-            return out
+        # Should the compiled step fail after writing this step's K/V slots, the eager one
+        # writes the same values to the same places.
+        return compiled_or_eager(compiled, eager, args, "decode step", self._run_eagerly)
+
+    def _run_eagerly(self) -> None:
+        self.run, self.run_hidden = self.forward, self.hidden_states
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 context_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
