@@ -153,10 +153,16 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, plan: Plan) -> None:
         self.blocks[seq.tier].free(seq.seq_id)
-        seq.parked = False
         # Moved to the host earlier in this plan, then evicted from there too: its KV is
-        # dropped, so the copy must not run (its destination blocks are free again).
-        plan.swaps = [s for s in plan.swaps if s.seq is not seq]
+        # dropped, so the copy must not run (its destination blocks are free again), and the
+        # move, or park, it made is not counted.
+        undone = sum(s.seq is seq for s in plan.swaps)
+        if undone:
+            plan.swaps = [s for s in plan.swaps if s.seq is not seq]
+            seq.num_swaps -= undone
+            self.num_swaps -= undone
+            self.num_parks -= seq.parked
+        seq.parked = False
         self.running.remove(seq)
         seq.status, seq.tier, seq.num_computed = Status.WAITING, None, 0
         seq.num_preemptions += 1

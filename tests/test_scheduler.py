@@ -494,6 +494,23 @@ def test_a_parked_request_evicted_from_a_full_host_is_preempted_and_finishes():
     assert [s.num_output for s in (host, old, parked)] == [40, 40, 4]
 
 
+def test_a_park_undone_within_its_own_plan_is_not_counted():
+    """`old`'s growth parks `victim` on the host (3 of its 4 free blocks); two newer host
+    requests then grow by a block each, and the second one's growth preempts `victim`, whose
+    copy is dropped from the plan. No block moved: the counters must say so (serving reports
+    print them)."""
+    sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=8)
+    old = decoding(sched, GPU, ctx=17)               # 1 block, needs a 2nd: the device is full
+    victim = decoding(sched, GPU, ctx=49)            # 3 blocks
+    hosts = [decoding(sched, CPU, ctx=33) for _ in range(2)]   # 2 blocks each, need a 3rd
+    plan = sched.schedule()
+    assert plan.preempted == [victim] and not plan.swaps and victim.status is Status.WAITING
+    assert plan.gpu_decodes == [old] and all(h.tier == CPU for h in hosts)
+    assert (sched.num_parks, sched.num_swaps, victim.num_swaps) == (0, 0, 0)
+    assert sched.num_preemptions == 1
+    sched.check_integrity()
+
+
 def test_aborting_a_parked_request_frees_it_and_opens_the_device():
     sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=64)
     decoding(sched, GPU, ctx=17)
