@@ -1,8 +1,9 @@
-"""`python -m apex_mini.bench {kernels,decode,serve}`: the benchmarks, one sub-command each.
+"""`python -m apex_mini.bench {kernels,decode,serve,overlap}`: the benchmarks, one sub-command each.
 
     kernels   CPU attention's achieved bandwidth beside this machine's copy bandwidth
     decode    decode tokens/s and GB/s against the roofline, beside transformers' generate
     serve     a serving workload through every policy, side by side
+    overlap   when CPU attention and device attention run, per layer of a hybrid decode step
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ COMMANDS = {
     "kernels": ("apex_mini.bench_kernels", "CPU attention bandwidth vs memory-copy bandwidth"),
     "decode": ("apex_mini.bench_decode", "decode tok/s and GB/s vs the roofline and transformers"),
     "serve": ("apex_mini.bench_serve", "serving workloads through every policy"),
+    "overlap": ("apex_mini.bench_overlap", "when CPU and device attention run, per layer"),
 }
 
 
 def usage() -> str:
-    lines = ["usage: python -m apex_mini.bench {kernels,decode,serve} [options]", ""]
+    lines = ["usage: python -m apex_mini.bench {kernels,decode,serve,overlap} [options]", ""]
     lines += [f"  {name:8s} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "`python -m apex_mini.bench COMMAND --help` lists each command's options."]
     return "\n".join(lines)

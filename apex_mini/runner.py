@@ -52,13 +52,26 @@ class ModelRunner:
         self.decode_shapes: collections.Counter[tuple[int, int]] = collections.Counter()
         cfg = model.config
         self.scale = cfg.head_dim ** -0.5
-        self.timeline: list | None = None    # set to a list to record (event, layer, t) stamps
+        # Set to a list to record (event, layer, t) stamps of each step (perf_counter seconds):
+        # see `_stamp` and `_stamp_gpu`.
+        self.timeline: list | None = None
+        self._gpu_stamps: list = []          # (event, layer, torch.cuda.Event), this step
+        self._anchor = None                  # (CUDA event, perf_counter) the GPU stamps map to
 
     # ------------------------------------------------------------------ entry point
 
     @torch.inference_mode()
     def execute(self, plan: Plan, tables) -> list[int]:
         """Run `plan` (swaps, then the forward) and return the sampled tokens, in row order."""
+        recording_gpu = self.timeline is not None and self.streams.is_cuda
+        self._anchor = self._gpu_anchor() if recording_gpu else None
+        self._gpu_stamps = []
+        tokens = self._execute(plan, tables)
+        if self._anchor is not None:
+            self._resolve_gpu_stamps()
+        return tokens
+
+    def _execute(self, plan: Plan, tables) -> list[int]:
         for swap in plan.swaps:
             copy_blocks(self.pools[swap.src_tier], swap.src_blocks,
                         self.pools[swap.dst_tier], swap.dst_blocks, self.streams)
@@ -140,6 +153,13 @@ class ModelRunner:
         return layer.post_attention(hidden, out)
 
     def _device_attention(self, layer_idx, q, k, v, batch: Batch, out) -> None:
+        self._stamp("dev_start", layer_idx)
+        self._stamp_gpu("gpu_dev_start", layer_idx)
+        self._attend_on_device(layer_idx, q, k, v, batch, out)
+        self._stamp_gpu("gpu_dev_end", layer_idx)
+        self._stamp("dev_end", layer_idx)
+
+    def _attend_on_device(self, layer_idx, q, k, v, batch: Batch, out) -> None:
         k_cache, v_cache = self.pools[GPU].layer(layer_idx)
         if batch.num_dev_rows:
             dev_attn.write_kv(k_cache, v_cache, batch.dev_slots,
@@ -212,9 +232,38 @@ class ModelRunner:
             up.record_stream(torch.cuda.current_stream(self.device))
         out[g.rows] = up
 
+    # ------------------------------------------------------------------ the timeline
+
     def _stamp(self, what: str, layer_idx: int) -> None:
+        """A host-clock stamp: when this thread got here (`launch`, `dev_start`, `dev_end` and
+        `join` on the main thread; `cpu_start`, `cpu_end` on the worker)."""
         if self.timeline is not None:
             self.timeline.append((what, layer_idx, time.perf_counter()))
+
+    def _stamp_gpu(self, what: str, layer_idx: int) -> None:
+        """On CUDA, a stamp of when the *GPU* gets here: a CUDA event on the compute stream,
+        which the GPU records once it has run the kernels queued before it. Mapped to the host
+        clock after the step (`_resolve_gpu_stamps`)."""
+        if self._anchor is not None:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            self._gpu_stamps.append((what, layer_idx, event))
+
+    def _gpu_anchor(self) -> tuple:
+        """An idle GPU records an event as soon as it is queued: that event and the host clock
+        read right after it are the pair every GPU stamp of this step is measured from (to
+        within the launch latency, some microseconds)."""
+        torch.cuda.synchronize(self.device)
+        anchor = torch.cuda.Event(enable_timing=True)
+        anchor.record(torch.cuda.current_stream(self.device))
+        return anchor, time.perf_counter()
+
+    def _resolve_gpu_stamps(self) -> None:
+        anchor, t0 = self._anchor
+        torch.cuda.synchronize(self.device)
+        for what, layer_idx, event in self._gpu_stamps:
+            self.timeline.append((what, layer_idx, t0 + anchor.elapsed_time(event) / 1e3))
+        self._anchor, self._gpu_stamps = None, []
 
 
 def _to_host(t: torch.Tensor | None, s: Streams) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""`bench kernels` and `bench decode`: each runs in its smoke form, writes every JSON field the
+"""`bench kernels`, `bench decode` and `bench overlap`: each runs in its smoke form, writes every JSON field the
 issues name, and its figures are consistent with what it measured. (The figures themselves are
 performance: docs/benchmarks.md, never asserted here.)"""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from apex_mini import bench, bench_kernels
+from apex_mini import bench, bench_kernels, bench_overlap
 from apex_mini.cli import run_cli
 from conftest import needs_safe_compile
 
@@ -77,6 +77,54 @@ def test_bench_usage_and_unknown_command(capsys):
     assert run_cli(lambda: bench.main(["nope"])) == 2
 
 
+def test_overlap_summary_measures_the_stamped_intervals():
+    """Two layers: the worker [1, 4] beside device attention [2, 6], then [10, 11] beside
+    [12, 13]; where GPU stamps exist they, not the main thread's, time the device."""
+    host_only = [("launch", 0, 0.5), ("cpu_start", 0, 1.0), ("dev_start", 0, 2.0),
+                 ("cpu_end", 0, 4.0), ("dev_end", 0, 6.0), ("join", 0, 6.5),
+                 ("cpu_start", 1, 10.0), ("cpu_end", 1, 11.0), ("dev_start", 1, 12.0),
+                 ("dev_end", 1, 13.0), ("join", 1, 10.5)]
+    s = bench_overlap.summarize([host_only])
+    assert s["device_clock"] == "host" and s["layers"] == 2
+    assert s["overlap_of_worker"] == pytest.approx(2 / 4)          # 2 s together of 3 + 1
+    assert s["overlap_of_device"] == pytest.approx(2 / 5)          # of 4 + 1
+    assert s["layers_overlapping"] == 0.5
+    assert s["wait_us"] == pytest.approx(0.25e6)                   # median of 0 and 0.5 s
+    on_gpu = host_only + [("gpu_dev_start", 0, 3.5), ("gpu_dev_end", 0, 7.0),
+                          ("gpu_dev_start", 1, 10.5), ("gpu_dev_end", 1, 14.0)]
+    s = bench_overlap.summarize([on_gpu])
+    assert s["device_clock"] == "gpu"
+    assert s["overlap_of_device"] == pytest.approx((0.5 + 0.5) / (3.5 + 3.5))
+    with pytest.raises(ValueError, match="no host rows"):
+        bench_overlap.summarize([[("dev_start", 0, 1.0), ("dev_end", 0, 2.0)]])
+
+
+def test_overlap_records_every_layer_of_hybrid_steps(tmp_path, capsys):
+    """The shipped model: every recorded step is a merged batch with rows on both tiers, and
+    every layer has each stamp once, in the order the runner reaches them."""
+    out = tmp_path / "overlap.json"
+    assert bench.main(["overlap", "--num-requests", "4", "--prompt-len", "20", "--steps", "2",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert len(report["steps"]) == 2
+    for step in report["steps"]:
+        assert step["plan"].startswith("overlap:") and "2 gpu decode, 2 cpu decode" in step["plan"]
+        layers = bench_overlap.by_layer(step["stamps"])
+        assert len(layers) == report["summary"]["layers"] // 2 and len(step["stamps"]) == 6 * len(layers)
+        for ev in layers.values():
+            assert step["t0"] <= ev["launch"] <= ev["dev_start"] <= ev["dev_end"] <= ev["join"]
+            assert ev["launch"] <= ev["cpu_start"] <= ev["cpu_end"] <= step["t1"]
+    assert report["summary"]["device_clock"] == "host"
+    assert 0 <= report["summary"]["overlap_of_worker"] <= 1
+    assert "of the device attention's time" in capsys.readouterr().out
+
+
+def test_overlap_bad_flags_are_one_line():
+    for argv in (["overlap", "--num-requests", "1"], ["overlap", "--steps", "0"],
+                 ["overlap", "--cpu-fraction", "0"], ["overlap", "--prompt-len", "100000"]):
+        assert run_cli(lambda: bench.main(argv)) == 2
+
+
 @pytest.mark.parametrize("dry", [False, True], ids=["gpu", "dry"])
 def test_gpu_session_script_runs_every_step_with_flags_that_parse(tmp_path, dry):
     """docs/gpu_session.sh, with a stand-in python3 that records its arguments: every step runs
@@ -106,13 +154,13 @@ def test_gpu_session_script_runs_every_step_with_flags_that_parse(tmp_path, dry)
     assert run.returncode == 0, run.stderr
     ends = [line for line in run.stdout.splitlines() if line.startswith("== ") and ": exit " in line]
     half = len(ends) // 2                            # each step's end, then the summary again
-    assert half == 8 and ends[:half] == ends[half:], run.stdout
+    assert half == 9 and ends[:half] == ends[half:], run.stdout
     assert all(": exit 0 after" in line for line in ends), run.stdout
     assert (tmp_path / "out" / "results.tgz").is_file()
-    assert (tmp_path / "out" / "session.log").read_text().count("exit 0") >= 8
+    assert (tmp_path / "out" / "session.log").read_text().count("exit 0") >= 9
     calls = [line.rstrip("\t").split("\t") for line in record.read_text().splitlines()]
     modules = [c[1] for c in calls if c[0] == "-m"]
-    assert modules.count("apex_mini.bench") == 5 and "apex_mini.profile" in modules
+    assert modules.count("apex_mini.bench") == 6 and "apex_mini.profile" in modules
     for argv in calls:
         if argv[:2] == ["-m", "apex_mini.bench"]:
             parser = importlib.import_module(bench.COMMANDS[argv[2]][0]).build_parser()

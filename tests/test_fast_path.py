@@ -3,6 +3,7 @@ greedy tokens with every option on and off, across bucket boundaries, with reque
 leaving, beside the hybrid policies; on CPU, and on CUDA when present."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -484,6 +485,30 @@ def test_cpu_attention_overlaps_gpu_work(gqa_llama3_ckpt):
     assert overlapped
     assert sum(overlapped) >= 0.5 * len(overlapped)
     assert runner.graphs.num_graphs >= 1              # device-only steps did replay graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_stamps_time_the_device_attention_kernels(tmp_path):
+    """On CUDA the timeline also says when the GPU ran each layer's device attention (CUDA
+    events on the host clock): after the main thread began issuing it, before the step ended,
+    and in layer order. `bench overlap` reports how much of it the CPU worker ran beside."""
+    from apex_mini import bench_overlap
+    out = tmp_path / "overlap.json"
+    assert bench_overlap.main(["--device", "cuda", "--num-requests", "8", "--prompt-len", "64",
+                               "--steps", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for step in report["steps"]:
+        layers = bench_overlap.by_layer(step["stamps"])
+        previous_end = step["t0"]
+        for _, ev in sorted(layers.items()):
+            # (CUDA events map to the host clock to within some microseconds)
+            assert ev["dev_start"] - 1e-4 <= ev["gpu_dev_start"] <= ev["gpu_dev_end"]
+            assert ev["gpu_dev_end"] <= step["t1"] + 1e-4
+            assert ev["gpu_dev_start"] >= previous_end - 1e-4
+            previous_end = ev["gpu_dev_end"]
+    summary = report["summary"]
+    assert summary["device_clock"] == "gpu" and summary["layers_overlapping"] > 0
 
 
 @pytest.mark.gpu
