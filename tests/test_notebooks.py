@@ -64,13 +64,24 @@ def test_notebook_reads_no_scratch_folder(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch, tmp_path):
     """Execute every cell in a fresh python3 kernel, with notebooks/ as the working directory
-    and a private profile cache (a user's cached profiles are neither read nor written)."""
+    and a private profile cache (a user's cached profiles are neither read nor written). A
+    notebook removes the temporary files it makes."""
+    import getpass
+    import tempfile
+
     import nbformat
     from nbclient import NotebookClient
 
     # The kernel inherits this environment: import apex_mini from this checkout even when it
     # is not installed, and skip torch.compile's cost unless the notebook sets it itself.
     monkeypatch.setenv("APEX_MINI_CACHE", str(tmp_path / "cache"))
+    scratch = tmp_path / "tmp"                       # the kernel's temporary folder
+    scratch.mkdir()
+    # (Inductor keeps its compiled code in the usual place, shared with other runs.)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get(
+        "TORCHINDUCTOR_CACHE_DIR",
+        os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")))
+    monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if "APEX_MINI_EAGER_CPU_ATTENTION" not in _source(path):
         monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "1")
@@ -78,3 +89,6 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
     client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     client.execute()
+    # (Inductor also keeps some of its caches, precompiled headers, under the temporary folder.)
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")]
+    assert not left, f"{path.name} left temporary files behind: {left}"
