@@ -20,7 +20,8 @@ RES=$(mktemp -d)                      # JSON reports, packed into $OUT/results.t
 LOG=$OUT/session.log
 : >"$LOG"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 APEX_MINI_CACHE=${APEX_MINI_CACHE:-/tmp/apex}
-trap 'tar czf "$OUT/results.tgz" -C "$RES" . && echo "== wrote $OUT/results.tgz" | tee -a "$LOG"' EXIT
+trap 'tar czf "$OUT/results.tgz" -C "$RES" . && echo "== wrote $OUT/results.tgz" | tee -a "$LOG";
+      rm -rf "$RES"' EXIT
 
 if [ "${DRY:-0}" = 1 ]; then          # a CPU check of the commands and flags, in minutes
     DEV=cpu BIG=tiny HALF=float32 BATCHES=1,8 SERVE_N=8 KERNELS=(--quick)

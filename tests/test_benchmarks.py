@@ -147,8 +147,10 @@ def test_gpu_session_script_runs_every_step_with_flags_that_parse(tmp_path, dry)
                     f'echo >> {record}\n')
     fake.chmod(0o755)
     root = Path(__file__).resolve().parents[1]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
-               OUT=str(tmp_path / "out"), DRY="1" if dry else "0")
+               OUT=str(tmp_path / "out"), DRY="1" if dry else "0", TMPDIR=str(scratch))
     run = subprocess.run(["bash", "docs/gpu_session.sh"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -157,6 +159,7 @@ def test_gpu_session_script_runs_every_step_with_flags_that_parse(tmp_path, dry)
     assert half == 9 and ends[:half] == ends[half:], run.stdout
     assert all(": exit 0 after" in line for line in ends), run.stdout
     assert (tmp_path / "out" / "results.tgz").is_file()
+    assert not list(scratch.iterdir())               # its scratch folder is removed
     assert (tmp_path / "out" / "session.log").read_text().count("exit 0") >= 9
     calls = [line.rstrip("\t").split("\t") for line in record.read_text().splitlines()]
     modules = [c[1] for c in calls if c[0] == "-m"]
