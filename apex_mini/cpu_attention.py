@@ -195,9 +195,10 @@ class _Compiled:
             if self._fn is None:
                 # _used_blocks has checked every block index, so the generated loops need not
                 # check each load again (~10-20% of the kernel's time on the benchmark machine).
-                # cpp_wrapper: the graph runs from C++, which releases the GIL. Inductor's default
-                # Python wrapper calls its C++ loops holding the GIL, so the main thread could not
-                # launch device work while this kernel ran: no overlap at all (`bench overlap`).
+                # cpp_wrapper: the graph runs from C++, which lets go of the GIL. Inductor's
+                # default Python wrapper calls its C++ loops holding it: while the kernel ran,
+                # the main thread could run no Python, so launch no device work (see
+                # test_the_main_thread_runs_python_while_the_worker_is_in_the_compiled_kernel).
                 self._fn = torch.compile(_fused_decode,
                                          options={"assert_indirect_indexing": False,
                                                   "cpp_wrapper": True})

@@ -161,7 +161,8 @@ class Scheduler:
             plan.swaps = [s for s in plan.swaps if s.seq is not seq]
             seq.num_swaps -= undone
             self.num_swaps -= undone
-            self.num_parks -= seq.parked
+            if seq.parked:
+                self.num_parks -= 1
         seq.parked = False
         self.running.remove(seq)
         seq.status, seq.tier, seq.num_computed = Status.WAITING, None, 0
