@@ -86,13 +86,13 @@ def layer_figures(ev: dict[str, float]) -> dict[str, float]:
 def summarize(timelines: list[list]) -> dict:
     """Medians per layer (microseconds) over every recorded layer with host rows, and the
     shares of worker and device time spent together (totals over all of them)."""
-    layers = [layer_figures(ev) for stamps in timelines for ev in by_layer(stamps).values()
-              if "cpu_start" in ev]
+    events = [ev for stamps in timelines for ev in by_layer(stamps).values()]
+    layers = [layer_figures(ev) for ev in events if "cpu_start" in ev]
     if not layers:
         raise ValueError("no recorded layer ran host attention: the steps had no host rows "
                          "(raise --cpu-fraction, or --num-requests)")
     total = {k: sum(f[k] for f in layers) for k in layers[0]}
-    on_gpu = any("gpu_dev_start" in ev for stamps in timelines for ev in by_layer(stamps).values())
+    on_gpu = any("gpu_dev_start" in ev for ev in events)
     return {"layers": len(layers), "device_clock": "gpu" if on_gpu else "host",
             **{k.replace("_s", "_us"): statistics.median(f[k] for f in layers) * 1e6
                for k in layers[0]},

@@ -93,7 +93,6 @@ class DecodeStep:
         weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         self.weight_layout = choose_layout(prepack, compile, self.device,
                                            model.lm_head.weight.dtype, weight_bytes)
-        self.prepacked = self.weight_layout != PLAIN        # multiplies by a copy of the weights
 
         def proj(*modules):
             return StackedLinear(list(modules), self.weight_layout)
@@ -139,6 +138,11 @@ class DecodeStep:
                 twin = DecodeStep(model, pool, block_size, scratch_block, compile=False,
                                   prepack=True)
             self.eager_twin = twin if twin.weight_layout == ONEDNN else None
+
+    @property
+    def prepacked(self) -> bool:
+        """Whether the step multiplies by a copy of the weights (any layout but PLAIN)."""
+        return self.weight_layout != PLAIN
 
     # ------------------------------------------------------------------ the step
 
