@@ -16,10 +16,11 @@ eight transfers, each a few microseconds of fixed cost.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from .cpu_attention import DecodeTables
 from .kv_cache import slots_for
 from .plan import Plan, bucket
 from .sequence import CPU, GPU, Sequence
@@ -50,6 +51,7 @@ class DecodeGroup:
     rows: slice                  # rows of the flat batch
     block_tables: torch.Tensor   # [B, max_blocks] on the tier's device
     context_lens: torch.Tensor   # [B], counting this step's token
+    host_tables: DecodeTables | None = None   # host tier: the kernels' layout (ModelRunner._build)
 
 
 @dataclass
@@ -65,7 +67,6 @@ class Batch:
     host_slots: torch.Tensor     # [Nh] their slots there (host tensor)
     logits_rows: Rows            # [N] rows that produce a next token
     num_real_rows: int = 0       # rows before bucket padding
-    meta: dict = field(default_factory=dict)
 
     @property
     def num_host_rows(self) -> int:

@@ -17,10 +17,12 @@ The ceiling is the copy bandwidth: bytes moved (read + written) per second by on
 How it measures, per (context, batch, mode) point: one layer of a host pool holding several
 disjoint copies of the point's KV (at least `POOL_BYTES`, so a small point does not sit in the
 last-level cache between calls), random block tables (blocks are scattered, as in a pool that
-has served many requests), every sequence exactly `context` tokens long. The kernel runs on a
-`CPUAttentionWorker` thread, as in the engine, each call on the next copy; the figure is the
-median over calls after one warm-up call per point (which compiles, in `compiled` mode, on the
-first point). Each compiled row also reports its largest difference from the eager output.
+has served many requests; laid out for the kernels once and untimed, as the engine does once
+per step: `cpu_attention.DecodeTables`), every sequence exactly `context` tokens long. The
+kernel runs on a `CPUAttentionWorker` thread, as in the engine, each call on the next copy; the
+figure is the median over calls after one warm-up call per point (which compiles, in
+`compiled` mode, on the first point). Each compiled row also reports its largest difference
+from the eager output.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ QUICK_POOL_BYTES = 16 << 20    # --quick: a smoke run, not a measurement
 MIN_SECONDS = 0.3              # per point: repeat until this much time has been measured...
 MAX_CALLS = 50                 # ...or this many calls
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-KERNELS = {"compiled": ca.paged_decode_attention_fused, "eager": ca.paged_decode_attention_eager}
+KERNELS = {"compiled": ca.attend_fused, "eager": ca.attend_eager}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,14 +119,16 @@ class Point:
         self.k_cache = torch.randn(pool, generator=g).to(dtype)  # [num_blocks, block_size, KVH, D]
         self.v_cache = torch.randn(pool, generator=g).to(dtype)
         perm = torch.randperm(self.copies * need, generator=g)
-        self.tables = perm.view(self.copies, batch, blocks_per_seq)   # [copies, batch, blocks]
+        tables = perm.view(self.copies, batch, blocks_per_seq)        # [copies, batch, blocks]
         self.q = torch.randn(batch, num_heads, head_dim, generator=g).to(dtype)  # [batch, H, D]
-        self.lens = torch.full((batch,), context, dtype=torch.long)
+        lens = torch.full((batch,), context, dtype=torch.long)
+        with torch.inference_mode():       # as the engine: built once per step, not timed
+            self.tables = [ca.DecodeTables(t, lens, self.k_cache) for t in tables]
         self.scale = head_dim ** -0.5
         self.kv_bytes = 2 * batch * context * num_kv_heads * head_dim * dtype.itemsize
 
     def args(self, i: int):
-        return self.q, self.k_cache, self.v_cache, self.tables[i % self.copies], self.lens, self.scale
+        return self.q, self.k_cache, self.v_cache, self.tables[i % self.copies], self.scale
 
 
 def time_kernel(worker: ca.CPUAttentionWorker, kernel, point: Point) -> tuple[float, torch.Tensor]:

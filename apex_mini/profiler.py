@@ -260,17 +260,19 @@ class Profiler:
         return lambda: self._pass(n, middle)[1]
 
     def _cpu_decode(self, n: int, total: int, worker):
-        from .cpu_attention import append_kv, paged_decode_attention as host_attention
+        from .cpu_attention import DecodeTables, append_kv, attend as host_attend
         caches, tables, lens = self._decode_caches(n, total, "cpu")
         slots = (tables[:, -1] * self.block_size + self.block_size - 1).contiguous()  # [n]
         pin = self.device.type == "cuda"
+        with torch.inference_mode():         # built once per step, as the runner does
+            host_tables = DecodeTables(tables, lens, caches[0][0])
 
         @torch.inference_mode()
         def job(i, q, k, v):                 # on the worker thread; times itself
             t0 = time.perf_counter()
             k_cache, v_cache = caches[i % len(caches)]
             append_kv(k_cache, v_cache, slots, k, v)
-            out = host_attention(q, k_cache, v_cache, tables, lens, self.scale, compiled=self.compiled)
+            out = host_attend(q, k_cache, v_cache, host_tables, self.scale, compiled=self.compiled)
             if pin:
                 out = out.pin_memory()
             return out, time.perf_counter() - t0

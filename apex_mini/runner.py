@@ -24,7 +24,7 @@ import torch
 
 from . import attention as dev_attn
 from .batch import Batch, build_batch, build_decode_inputs, sampling_tensors, take_rows
-from .cpu_attention import append_kv, paged_decode_attention as host_decode_attention
+from .cpu_attention import DecodeTables, append_kv, attend as host_attend
 from .decode_step import DecodeStep
 from .kv_cache import KVPool, copy_blocks
 from .plan import Plan, Strategy, bucket
@@ -106,8 +106,12 @@ class ModelRunner:
         return self.decode_step(inputs)
 
     def _build(self, plan: Plan, tables, pad_decode_to: int = 0) -> Batch:
-        return build_batch(plan, tables, self.block_size, self.device, pad_decode_to,
-                           self.scratch_block, bucket_blocks=self.bucket_decode)
+        batch = build_batch(plan, tables, self.block_size, self.device, pad_decode_to,
+                            self.scratch_block, bucket_blocks=self.bucket_decode)
+        g = batch.cpu_decode
+        if g is not None:      # checked and laid out once, for every layer's host attention
+            g.host_tables = DecodeTables(g.block_tables, g.context_lens, self.pools[CPU].layer(0)[0])
+        return batch
 
     # ------------------------------------------------------------------ strategies
 
@@ -209,8 +213,8 @@ class ModelRunner:
         out = None
         g = batch.cpu_decode
         if g is not None:
-            out = host_decode_attention(q_rows, k_cache, v_cache, g.block_tables, g.context_lens,
-                                        self.scale, compiled=self.compile_cpu_attention)
+            out = host_attend(q_rows, k_cache, v_cache, g.host_tables, self.scale,
+                              compiled=self.compile_cpu_attention)
             if self.streams.pin:
                 out = out.pin_memory()
         self._stamp("cpu_end", layer_idx)

@@ -44,7 +44,7 @@ def test_kernel_point_reads_what_it_says():
                             block_size=16, dtype=bench_kernels.torch.float32, pool_bytes=1 << 16)
     assert p.kv_bytes == 2 * 3 * 40 * 2 * 8 * 4
     assert p.copies >= 2                            # small points rotate over disjoint copies
-    used = p.tables.flatten().tolist()
+    used = [b for t in p.tables for b in t.table.flatten().tolist()]
     assert len(used) == len(set(used))              # no block shared between copies or rows
 
 

@@ -135,11 +135,29 @@ def test_block_outside_the_pool_is_a_value_error(bad, kernel):
     """Checked once per call, before any load: the compiled kernel does not check its own."""
     q, k_cache, v_cache, tables, lens, scale = make_case([20, 5], 4, 2, seed=6)
     tables[0, 1] = k_cache.shape[0] if bad == "num_blocks" else bad
-    fn = ca.paged_decode_attention_eager if kernel == "eager" else ca._used_blocks
-    args = ((q, k_cache, v_cache, tables, lens, scale) if kernel == "eager"
-            else (tables, lens, k_cache.shape[1], k_cache.shape[0], ca.SUPERBLOCK))
+    fn = ca.paged_decode_attention_eager if kernel == "eager" else ca.paged_decode_attention_fused
     with pytest.raises(ValueError, match="outside the pool"):
-        fn(*args)
+        fn(q, k_cache, v_cache, tables, lens, scale)    # raises before compiling anything
+
+
+@pytest.mark.parametrize("kernel", ["eager", pytest.param("fused", marks=[pytest.mark.slow,
+                                                                     needs_safe_compile])])
+def test_one_steps_tables_serve_every_layer(kernel):
+    """DecodeTables built once, read by several layers' pools: each layer's output is exactly
+    what a call that builds its own tables gives, and the tables are not changed by use."""
+    q, k_cache, v_cache, tables, lens, scale = make_case([1, 16, 17, 100, 333], 8, 2, seed=12)
+    attend = ca.attend_eager if kernel == "eager" else ca.attend_fused
+    per_call = (ca.paged_decode_attention_eager if kernel == "eager"
+                else ca.paged_decode_attention_fused)
+    step = ca.DecodeTables(tables, lens, k_cache)
+    table_before = step.table.clone()
+    for layer in range(3):
+        g = torch.Generator().manual_seed(layer)
+        k_layer, v_layer = (torch.randn(k_cache.shape, generator=g) for _ in range(2))
+        out = attend(q, k_layer, v_layer, step, scale)
+        assert torch.equal(out, per_call(q, k_layer, v_layer, tables, lens, scale))
+        assert max_error(out, naive(q, k_layer, v_layer, tables, lens, scale)) < 1e-5
+    assert torch.equal(step.table, table_before)
 
 
 def test_empty_batch():
