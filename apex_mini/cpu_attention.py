@@ -114,12 +114,13 @@ class DecodeTables:
     them all (vLLM's attention metadata plays the same part).
 
     Built per layer instead, these small tensor ops (the range check, the padding, fresh copies
-    for Dynamo) took 35% of a host call for a small model (`apex-tiny-llama`'s heads, 8
-    sequences of 200 tokens: 451 against 293 us, scratch timing, 2026-12-03).
+    for Dynamo, the eager mask) made a layer's host work (append + attention) 1.1x to 1.3x as
+    long for the shipped model's heads with 8 sequences of 200 tokens (docs/benchmarks.md).
 
-    `context_lens` [num_seqs] counts each sequence's tokens, this step's included. The layouts
-    each kernel reads are built on first use (concurrent first uses would build the same
-    tensors twice, harmlessly).
+    `context_lens` [num_seqs] counts each sequence's tokens, this step's included; `k_cache`
+    (any layer's) gives the pool's block count and block size. The layouts each kernel reads
+    are built on first use (concurrent first uses would build the same tensors twice,
+    harmlessly).
     """
 
     def __init__(self, block_tables: torch.Tensor, context_lens: torch.Tensor,
