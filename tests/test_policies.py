@@ -142,19 +142,17 @@ def test_serving_reports_count_parks(gqa_llama3_ckpt):
     assert 0 < row["parks"] == engine.scheduler.num_parks <= row["swaps"]
 
 
-@pytest.mark.slow
-@settings(max_examples=15, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data(), lengths=st.lists(st.integers(1, 40), min_size=3, max_size=8),
-       policy=st.sampled_from(["static", "neo", "apex"]), block_size=st.sampled_from([4, 8, 16]),
-       fast=st.booleans())
-def test_random_workloads_give_gpu_only_tokens(gqa_llama3_ckpt, data, lengths, policy,
-                                               block_size, fast):
+RANDOM_WORKLOAD = dict(
+    data=st.data(), lengths=st.lists(st.integers(1, 40), min_size=3, max_size=8),
+    policy=st.sampled_from(["static", "neo", "apex"]), block_size=st.sampled_from([4, 8, 16]),
+    fast=st.booleans())
+FIXTURES_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+
+def check_random_workload(ckpt, device, data, lengths, policy, block_size, fast):
     """Random prompts, output lengths, tier sizes and batch limits (each request fits the device
     tier alone, so none is refused, but together they preempt, swap and move): the tokens equal
-    a roomy gpu-only run's. Most examples decode on the host, swap or preempt. CI runs 15; raise
-    max_examples to hunt (a wider scratch version, all four policies and tiers too small for a
-    request among them, ran 80 engines eager and 25 compiled without a difference, 2026-12-03)."""
+    a roomy gpu-only run's on the same device."""
     g = torch.Generator().manual_seed(len(lengths))
     prompts = [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in lengths]
     new_tokens = data.draw(st.lists(st.integers(4, 24), min_size=len(lengths), max_size=len(lengths)))
@@ -167,10 +165,33 @@ def test_random_workloads_give_gpu_only_tokens(gqa_llama3_ckpt, data, lengths, p
                    max_num_batched_tokens=data.draw(st.integers(16, 128)))
     if policy == "static":
         options["cpu_fraction"] = data.draw(st.sampled_from([0.3, 0.5, 1.0]))
-    expected, _ = run_greedy(gqa_llama3_ckpt, prompts, params, policy="gpu-only")
+    expected, _ = run_greedy(ckpt, prompts, params, device=device, policy="gpu-only")
     predictor = None if policy == "static" else CheapHost()
-    tokens, _ = run_greedy(gqa_llama3_ckpt, prompts, params, predictor, fast=fast, **options)
+    tokens, _ = run_greedy(ckpt, prompts, params, predictor, fast=fast, device=device, **options)
     assert tokens == expected
+
+
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None, suppress_health_check=FIXTURES_OK)
+@given(**RANDOM_WORKLOAD)
+def test_random_workloads_give_gpu_only_tokens(gqa_llama3_ckpt, data, lengths, policy,
+                                               block_size, fast):
+    """check_random_workload on the CPU. Most examples decode on the host, swap or preempt. CI
+    runs 15; raise max_examples to hunt (a wider scratch version, all four policies and tiers
+    too small for a request among them, ran 80 engines eager and 25 compiled without a
+    difference, 2026-12-03)."""
+    check_random_workload(gqa_llama3_ckpt, "cpu", data, lengths, policy, block_size, fast)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@settings(max_examples=5, deadline=None, suppress_health_check=FIXTURES_OK)
+@given(**RANDOM_WORKLOAD)
+def test_cuda_random_workloads_give_gpu_only_tokens(gqa_llama3_ckpt, data, lengths, policy,
+                                                    block_size, fast):
+    """The same on CUDA: pinned host tier, swaps on the copy stream, host attention beside
+    device kernels, CUDA graphs on the fast path."""
+    check_random_workload(gqa_llama3_ckpt, "cuda", data, lengths, policy, block_size, fast)
 
 
 @pytest.mark.parametrize("case", ["static", "static-1.0", "neo", "apex", "apex-parks"])
