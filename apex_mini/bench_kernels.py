@@ -124,6 +124,8 @@ class Point:
         lens = torch.full((batch,), context, dtype=torch.long)
         with torch.inference_mode():       # as the engine: built once per step, not timed
             self.tables = [ca.DecodeTables(t, lens, self.k_cache) for t in tables]
+            for t in self.tables:          # both kernels' layouts, built now (else on first use)
+                t.superblocks, t.padding
         self.scale = head_dim ** -0.5
         self.kv_bytes = 2 * batch * context * num_kv_heads * head_dim * dtype.itemsize
 
