@@ -178,7 +178,7 @@ def test_random_workloads_give_gpu_only_tokens(gqa_llama3_ckpt, data, lengths, p
                                                block_size, fast):
     """check_random_workload on the CPU. Most examples decode on the host, swap or preempt. CI
     runs 15; raise max_examples to hunt (a wider scratch version, all four policies and tiers
-    too small for a request among them, ran 80 engines eager and 25 compiled without a
+    too small for a request among them, ran 300 engines eager and 25 compiled without a
     difference, 2026-12-03)."""
     check_random_workload(gqa_llama3_ckpt, "cpu", data, lengths, policy, block_size, fast)
 
