@@ -321,13 +321,19 @@ def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
                 paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
 
 
+def runs_compiled(compiled: bool = True) -> bool:
+    """Whether `attend(..., compiled)` runs the fused kernel now: asked for, allowed
+    (`compile_enabled`), and never failed to compile in this process."""
+    return compiled and compile_enabled() and not _COMPILED.failed
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: DecodeTables,
            scale: float, compiled: bool = True) -> torch.Tensor:
     """Decode attention on one layer's host pool: the fused kernel, or eager when `compiled` is
     False or compilation ever failed (warned once). q [num_seqs, num_heads, head_dim] ->
     [num_seqs, num_heads, head_dim] in q's dtype. The runner builds `tables` once per step."""
     args = (q, k_cache, v_cache, tables, scale)
-    if compiled and compile_enabled() and not _COMPILED.failed:
+    if runs_compiled(compiled):
         return compiled_or_eager(attend_fused, attend_eager, args, "CPU attention",
                                  _COMPILED.mark_failed)
     return attend_eager(*args)

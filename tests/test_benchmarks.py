@@ -101,11 +101,13 @@ def test_overlap_summary_measures_the_stamped_intervals():
 
 def test_overlap_records_every_layer_of_hybrid_steps(tmp_path, capsys):
     """The shipped model: every recorded step is a merged batch with rows on both tiers, and
-    every layer has each stamp once, in the order the runner reaches them."""
+    every layer has each stamp once, in the order the runner reaches them. The report says
+    which host kernel ran (eager here: asked for with the flag)."""
     out = tmp_path / "overlap.json"
     assert bench.main(["overlap", "--num-requests", "4", "--prompt-len", "20", "--steps", "2",
-                       "--json", str(out)]) == 0
+                       "--no-compile-cpu-attention", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
+    assert report["host_kernel"] == "eager"
     assert len(report["steps"]) == 2
     for step in report["steps"]:
         assert step["plan"].startswith("overlap:") and "2 gpu decode, 2 cpu decode" in step["plan"]
@@ -116,7 +118,8 @@ def test_overlap_records_every_layer_of_hybrid_steps(tmp_path, capsys):
             assert ev["launch"] <= ev["cpu_start"] <= ev["cpu_end"] <= step["t1"]
     assert report["summary"]["device_clock"] == "host"
     assert 0 <= report["summary"]["overlap_of_worker"] <= 1
-    assert "of the device attention's time" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "of the device attention's time" in printed and "eager CPU attention" in printed
 
 
 def test_overlap_bad_flags_are_one_line():

@@ -282,6 +282,17 @@ def test_compiling_is_off_by_default_on_torch_that_crashes(monkeypatch, version,
         assert ca.compile_enabled() is False                  # warned once
 
 
+def test_runs_compiled_says_which_kernel_attend_runs(monkeypatch):
+    monkeypatch.setattr(ca, "_COMPILED", ca._Compiled())
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
+    assert ca.runs_compiled() and not ca.runs_compiled(compiled=False)
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "1")
+    assert not ca.runs_compiled()
+    monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
+    ca._COMPILED.mark_failed()
+    assert not ca.runs_compiled()
+
+
 def test_compile_failure_falls_back_to_eager_once(monkeypatch):
     case = make_case([12, 30], 4, 2, seed=6)
     monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
