@@ -27,6 +27,7 @@ def test_every_policy_completes_every_request(tmp_path, capsys):
     assert bench.main(argv) == 0
     rep = json.loads(out.read_text())
     assert set(rep) >= {"policies", "workload", "model", "hardware", "date", "command"}
+    assert rep["hardware"]["host_kernel"] == "eager"               # APEX_MINI_EAGER_CPU_ATTENTION=1
     assert list(rep["policies"]) == ["gpu-only", "static", "neo", "apex"]
     for name, row in rep["policies"].items():
         assert set(row) >= set(FIELDS), name
