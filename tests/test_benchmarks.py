@@ -18,10 +18,12 @@ def test_kernels_json_has_every_field(tmp_path, capsys):
     assert bench.main(["kernels", "--quick", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["copy_gbps"] > 0
-    rows = report["rows"]
+    rows, read_rows = report["rows"], report["read_rows"]
     assert {(r["context"], r["batch"], r["mode"]) for r in rows} == {
         (c, b, m) for c in (512, 1024) for b in (1, 8) for m in ("compiled", "eager")}
-    for r in rows:
+    assert {(r["context"], r["batch"], r["mode"]) for r in read_rows} == {
+        (c, b, "read") for c in (512, 1024) for b in (1, 8)}
+    for r in rows + read_rows:
         assert r["gbps"] > 0 and r["ms"] > 0
         # GB/s is exactly the KV bytes read over the time per call (tiny shape: 2 KV heads x 16).
         kv_bytes = 2 * r["batch"] * r["context"] * 2 * 16 * 2       # bf16
@@ -29,7 +31,25 @@ def test_kernels_json_has_every_field(tmp_path, capsys):
         if r["mode"] == "compiled":                 # both kernels ran on the same inputs
             assert r["max_abs_diff_vs_eager"] < 2e-2
     text = capsys.readouterr().out
-    assert "of copy" in text and "goal: >= 50%" in text
+    assert "of copy" in text and "goal: >= 50%" in text and "the pattern's ceiling" in text
+
+
+@needs_safe_compile
+def test_read_mode_reads_every_kv_element_of_the_points_blocks():
+    """`read` sums exactly the blocks the kernels read, K and V, per token: a different block,
+    a missed one or K alone would change the sums."""
+    p = bench_kernels.Point(context=40, batch=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                            block_size=16, dtype=bench_kernels.torch.float32, pool_bytes=1 << 16)
+    for i in (1, 2):                                # two copies: the same graph, other blocks
+        q, k_cache, v_cache, tables, scale = p.args(i)
+        out = bench_kernels.paged_read(q, k_cache, v_cache, tables, scale)
+        blocks = tables.table                       # [batch, 3]; one superblock, padded
+        assert blocks.shape == (3, 3)
+        expect = k_cache[blocks].sum((-2, -1)) + v_cache[blocks].sum((-2, -1))   # [3, 3, 16]
+        assert bench_kernels.torch.allclose(out[:, :3], expect, rtol=1e-5, atol=1e-4)
+        padding = k_cache[0].sum((-2, -1)) + v_cache[0].sum((-2, -1))   # block 0, masked in kernels
+        assert bench_kernels.torch.allclose(out[:, 3:], padding.expand(3, 5, 16), rtol=1e-5,
+                                            atol=1e-4)
 
 
 def test_bad_flags_are_one_line():
