@@ -29,7 +29,7 @@ if [ "${DRY:-0}" = 1 ]; then          # a CPU check of the commands and flags, i
 else
     DEV=cuda BIG=llama2-7b HALF=float16 BATCHES=1,8,16,32 SERVE_N=32
     OVERLAP_N=16 OVERLAP_LEN=512
-    KERNELS=(--contexts 1024,4096 --batches 8,32)
+    KERNELS=(--contexts 1024,4096 --batches 1,8,32)
 fi
 
 # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its output into the log.
@@ -80,7 +80,8 @@ step serve 85 python3 -m apex_mini.bench serve --model-shape "$BIG" --dtype "$HA
     --device "$DEV" --gpu-memory-gb 16 --workload chat --num-requests "$SERVE_N" \
     --length-scale 0.25 --no-progress --json "$RES/serve_${DEV}_${BIG}_t4.json"
 
-# 8. The host kernel on this machine's cores, beside its copy bandwidth.
+# 8. The host kernel on this machine's cores, beside its copy bandwidth (batch 1: how much a
+#    one-sequence step loses, its loops parallel over sequences only; docs/benchmarks.md).
 step kernels 40 python3 -m apex_mini.bench kernels "${KERNELS[@]}" --json "$RES/kernels_host.json"
 
 grep '^== .*exit' "$LOG"                        # the summary, last in the reply
