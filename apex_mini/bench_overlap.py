@@ -35,7 +35,7 @@ import torch
 from .bench_serve import build_model
 from .cli import add_model_flags, check_number, check_output_path, run_cli, write_json
 from .config import EngineConfig
-from .cpu_attention import runs_compiled
+from .cpu_attention import host_kernel
 from .engine import Engine
 from .metrics import machine_info
 from .sampling import SamplingParams
@@ -171,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine(model, cfg, progress=False)
     try:
         recorded = record(engine, args.num_requests, args.prompt_len, args.steps, cfg.seed)
-        # Which host kernel the worker ran (eager where asked for, on torch < 2.12 by default,
-        # or after a failed compile): the overlap depends on it.
-        host_kernel = "compiled" if runs_compiled(engine.runner.compile_cpu_attention) else "eager"
+        # Which host kernel the worker ran: the overlap depends on it.
+        kernel = host_kernel(engine.runner.compile_cpu_attention)
     finally:
         engine.close()
     summary = summarize([r["stamps"] for r in recorded])
@@ -182,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(engine.device)
     print(f"# {command}\n# {date}, {', '.join(f'{k} {v}' for k, v in machine.items())}\n"
           f"# model {model_info['name']}, "
-          f"{model_info['dtype']} on {engine.device}, {host_kernel} CPU attention; last step: "
+          f"{model_info['dtype']} on {engine.device}, {kernel} CPU attention; last step: "
           f"{recorded[-1]['plan']}")
     print(format_summary(summary))
     if args.json:
         write_json(args.json, {"command": command, "date": date, "machine": machine,
-                               "model": model_info, "host_kernel": host_kernel,
+                               "model": model_info, "host_kernel": kernel,
                                "summary": summary, "steps": recorded})
     return 0
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import metrics, workloads
 from .cli import add_model_flags, check_output_path, check_threads, policy_list, run_cli
 from .config import EngineConfig
-from .cpu_attention import runs_compiled
+from .cpu_attention import host_kernel
 from .engine import Engine
 from .sampling import SamplingParams
 from .simulate import check_trace_arg
@@ -182,8 +182,7 @@ def serve(args, argv) -> int:
                 **workloads.describe(specs)}
     hardware = {**metrics.machine_info(next(model.parameters()).device),
                 "torch_threads": torch.get_num_threads(),
-                # eager where asked for, on torch < 2.12 by default, or after a failed compile
-                "host_kernel": "compiled" if runs_compiled(cfg.compile_cpu_attention) else "eager"}
+                "host_kernel": host_kernel(cfg.compile_cpu_attention)}
     rep = metrics.report(rows, workload, model_info, hardware, "apex_mini.bench serve", argv,
                          simulated=False, repeats=args.repeats)
     metrics.publish(rep, args, f"measured: {model_info['name']}, {args.workload} workload")

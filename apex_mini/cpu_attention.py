@@ -327,6 +327,12 @@ def runs_compiled(compiled: bool = True) -> bool:
     return compiled and compile_enabled() and not _COMPILED.failed
 
 
+def host_kernel(compiled: bool = True) -> str:
+    """"compiled" or "eager": the name reports give the kernel `attend(..., compiled)` runs now
+    (eager where asked for, on torch < 2.12 by default, or after a failed compile)."""
+    return "compiled" if runs_compiled(compiled) else "eager"
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: DecodeTables,
            scale: float, compiled: bool = True) -> torch.Tensor:
     """Decode attention on one layer's host pool: the fused kernel, or eager when `compiled` is

@@ -286,11 +286,12 @@ def test_runs_compiled_says_which_kernel_attend_runs(monkeypatch):
     monkeypatch.setattr(ca, "_COMPILED", ca._Compiled())
     monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
     assert ca.runs_compiled() and not ca.runs_compiled(compiled=False)
+    assert (ca.host_kernel(), ca.host_kernel(compiled=False)) == ("compiled", "eager")
     monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "1")
-    assert not ca.runs_compiled()
+    assert not ca.runs_compiled() and ca.host_kernel() == "eager"
     monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
     ca._COMPILED.mark_failed()
-    assert not ca.runs_compiled()
+    assert not ca.runs_compiled() and ca.host_kernel() == "eager"
 
 
 def test_compile_failure_falls_back_to_eager_once(monkeypatch):
