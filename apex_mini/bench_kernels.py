@@ -194,6 +194,13 @@ def run(contexts: list[int], batches: list[int], modes: list[str], shape: str,
     # The kernel alone: its worker may use every torch thread (the engine leaves one to its
     # main thread; see CPUAttentionWorker).
     with ca.CPUAttentionWorker(1, intra_op_threads=torch.get_num_threads()) as worker:
+        if "compiled" in modes:
+            # The engine's graphs, compiled in its order: which loops Inductor shares among the
+            # threads depends on the sizes it first compiles at (ca.precompile). Pool sizes are
+            # dynamic, so a small pool stands in for the points' own.
+            pool = torch.zeros(64, block_size, *heads[1:], dtype=dtype)
+            worker.submit(ca.precompile, pool, pool, heads[0], max(contexts),
+                          min(contexts)).result()
         for context in contexts:
             for batch in batches:
                 point = Point(context, batch, *heads, block_size, dtype, pool_bytes)

@@ -292,28 +292,52 @@ def paged_decode_attention_fused(q: torch.Tensor, k_cache: torch.Tensor, v_cache
                         scale)
 
 
+# The fused kernel's graphs by context length, in superblocks: (the length each is compiled at,
+# the longest it serves; None: no limit). Dynamo gives a size of 1 a graph of its own, and
+# Inductor's code for the superblock sums differs past 32 superblocks (torch 2.13).
+CONTEXT_GRAPHS = ((1, 1), (2, 32), (33, None))
+
+
+def precompile_contexts(block_size: int, min_context: int = 1,
+                        max_context: int | None = None) -> list[int]:
+    """The context lengths `precompile` compiles at: one per graph that serves some length in
+    [min_context, max_context] (None: no limit)."""
+    super_len = SUPERBLOCK * block_size
+    contexts = []
+    for supers, longest in CONTEXT_GRAPHS:
+        shortest = (supers - 1) * super_len + 1
+        if max_context is not None and shortest > max_context:
+            break
+        if longest is None or longest * super_len >= min_context:
+            contexts.append(shortest)
+    return contexts
+
+
 def precompile(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
-               max_context: int | None = None) -> None:
+               max_context: int | None = None, min_context: int = 1) -> None:
     """Compile the fused kernel now, for every graph serving will ask for, so that the first
     host decodes do not stall while it compiles (seconds per graph on a small machine).
 
-    Dynamo gives a size of 1 a graph of its own (one sequence or several; one superblock of
-    context or several), and Inductor's code for the superblock sums differs past a length
-    (32 superblocks, 4k tokens in blocks of 16, with torch 2.13): up to six graphs per dtype and
-    head layout, for 1 and 2 sequences of 1, 2 and 33 superblocks, those longer than
-    `max_context` tokens left out. Its guards also cover the calling thread's torch thread
-    count and whether a tensor was made in inference mode, so call this where the engine
-    attends (`worker.submit(precompile, ...)`) with the pool's own tensors (read, not written).
-    A no-op when compiling is off."""
+    Dynamo gives a size of 1 a graph of its own (one sequence or several), and the context
+    lengths take up to three (`CONTEXT_GRAPHS`): up to six graphs per dtype and head layout,
+    for 1 and 2 sequences, those serving no context in [min_context, max_context] tokens left
+    out. Its guards also cover the calling thread's torch thread count and whether a tensor
+    was made in inference mode, so call this where the engine attends
+    (`worker.submit(precompile, ...)`) with the pool's own tensors (read, not written). A no-op
+    when compiling is off.
+
+    The order matters too: Inductor shares as many outer loops among the threads as the sizes
+    it compiles at need to fill them. The several-sequence graph, compiled here at 2 sequences,
+    shares the sequences and the next loop (`collapse(2)`) on a worker of more than 2 torch
+    threads, so a step with few host sequences keeps every thread busy; compiled first at 32
+    sequences on 16 threads, it would share the sequences only (docs/benchmarks.md, "Few
+    sequences, many threads")."""
     if not compile_enabled() or _COMPILED.failed:
         return
     num_blocks, block_size, _, head_dim = k_cache.shape
     with torch.inference_mode():                                      # as the runner's queries
         for num_seqs in (1, 2):
-            for supers in (1, 2, 33):
-                context = (supers - 1) * SUPERBLOCK * block_size + 1
-                if max_context is not None and context > max_context:
-                    break
+            for context in precompile_contexts(block_size, min_context, max_context):
                 width = -(-context // block_size)
                 tables = torch.arange(num_seqs * width).view(num_seqs, width) % num_blocks
                 q = torch.zeros(num_seqs, num_heads, head_dim, dtype=k_cache.dtype)

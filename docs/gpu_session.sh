@@ -80,8 +80,8 @@ step serve 85 python3 -m apex_mini.bench serve --model-shape "$BIG" --dtype "$HA
     --device "$DEV" --gpu-memory-gb 16 --workload chat --num-requests "$SERVE_N" \
     --length-scale 0.25 --no-progress --json "$RES/serve_${DEV}_${BIG}_t4.json"
 
-# 8. The host kernel on this machine's cores, beside its copy bandwidth (batch 1: how much a
-#    one-sequence step loses, its loops parallel over sequences only; docs/benchmarks.md).
+# 8. The host kernel on this machine's cores, beside its copy bandwidth (batch 1: how well one
+#    sequence's loops, shared over its tokens, scale to many cores; docs/benchmarks.md).
 step kernels 55 python3 -m apex_mini.bench kernels "${KERNELS[@]}" --json "$RES/kernels_host.json"
 
 grep '^== .*exit' "$LOG"                        # the summary, last in the reply

@@ -4,6 +4,7 @@ performance: docs/benchmarks.md, never asserted here.)"""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -50,6 +51,38 @@ def test_read_mode_reads_every_kv_element_of_the_points_blocks():
         padding = k_cache[0].sum((-2, -1)) + v_cache[0].sum((-2, -1))   # block 0, masked in kernels
         assert bench_kernels.torch.allclose(out[:, 3:], padding.expand(3, 5, 16), rtol=1e-5,
                                             atol=1e-4)
+
+
+@pytest.mark.parametrize("modes", [["compiled"], ["eager", "read"]])
+def test_compiled_rows_are_timed_on_graphs_compiled_as_an_engine_compiles_them(modes,
+                                                                               monkeypatch):
+    """Which loops Inductor's threads share depends on the sizes a graph is first compiled at,
+    so before any compiled row is timed, run() calls precompile, as an engine does: on the
+    timing worker, with the shape's heads, up to the longest context. Without compiled rows,
+    nothing is compiled."""
+    calls = []
+
+    def precompile(k_cache, v_cache, num_heads, max_context=None, min_context=1):
+        thread = threading.current_thread().name
+        calls.append(("precompile", tuple(k_cache.shape[1:]), num_heads, min_context,
+                      max_context, thread))
+
+    def kernel(q, *args):
+        calls.append(("kernel",))
+        return q
+
+    monkeypatch.setattr(bench_kernels.ca, "precompile", precompile)
+    for mode in modes:
+        monkeypatch.setitem(bench_kernels.KERNELS, mode, kernel)
+    rows = bench_kernels.run([40, 70], [1, 3], modes, "tiny", bench_kernels.torch.float32,
+                             block_size=16, pool_bytes=1 << 16, progress=lambda row: None)
+    assert len(rows) == 4 * len(modes)
+    if "compiled" in modes:
+        assert calls[0][:5] == ("precompile", (16, 2, 16), 4, 40, 70)   # tiny: 4 heads, 2 KV x 16
+        assert calls[0][5].startswith("apex-cpu-attn")
+        assert [c[0] for c in calls[1:]] == ["kernel"] * (len(calls) - 1)
+    else:
+        assert all(c == ("kernel",) for c in calls)
 
 
 def test_bad_flags_are_one_line():

@@ -260,6 +260,28 @@ def test_precompile_leaves_nothing_to_compile(monkeypatch):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.parametrize("block_size", [16, 8])
+@pytest.mark.parametrize("lo,hi", [(1, None), (1, 100), (200, 4096), (129, 129), (128, 5000),
+                                   (4097, 9000), (5000, None)])
+def test_precompile_contexts_are_one_per_graph_the_range_needs(block_size, lo, hi):
+    """`precompile` compiles each context-length graph (CONTEXT_GRAPHS) that serves some
+    context in [lo, hi], at that graph's shortest length, and no other."""
+    super_len = ca.SUPERBLOCK * block_size
+
+    def graph(context: int) -> int:                  # which graph a context's steps run
+        supers = -(-context // super_len)
+        return next(i for i, (_, longest) in enumerate(ca.CONTEXT_GRAPHS)
+                    if longest is None or supers <= longest)
+
+    got = ca.precompile_contexts(block_size, lo, hi)
+    top = hi if hi is not None else max(lo, 40 * super_len)
+    assert [graph(c) for c in got] == sorted({graph(c) for c in range(lo, top + 1)})
+    for c in got:                                     # each at its graph's shortest length
+        assert graph(c) != graph(c - 1) or c == 1
+    assert ca.precompile_contexts(16) == [1, 129, 4097]
+    assert ca.precompile_contexts(16, 200, 4096) == [129]
+
+
 @pytest.mark.parametrize("version,flag,compiled", [
     ("2.13.0+cpu", None, True), ("2.12.1", None, True), ("2.11.0+cu130", None, False),
     ("2.11.0+cu130", "0", True), ("2.13.0", "1", False), ("3.0.0", None, True),
