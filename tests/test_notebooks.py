@@ -2,6 +2,7 @@
 design pairs with a notebook has one, and notebooks are stored without outputs."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def test_notebook_is_valid_and_saved_without_outputs(path):
 
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
+    # A cell without an id: nbformat adds one as it reads (with a warning) but will refuse it
+    # in a later release, so the file itself is checked.
+    ids = [cell.get("id") for cell in json.loads(path.read_text())["cells"]]
+    assert None not in ids, f"{path.name} cell {ids.index(None)} has no id"
+    assert len(set(ids)) == len(ids), f"{path.name} has cells sharing an id"
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, \
