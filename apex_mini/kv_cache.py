@@ -12,6 +12,7 @@ as `[num_blocks * block_size, num_kv_heads, head_dim]`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 import weakref
 
@@ -86,9 +87,9 @@ HOST_REGISTER_PORTABLE = 1      # cudaHostRegisterPortable: page-locked for ever
 def pin_in_place(t: torch.Tensor, device: torch.device | None = None) -> None:
     """Page-lock a contiguous host tensor's memory where it lies (cudaHostRegister, portable,
     called on `device`: no context is started on another GPU), so that copies to and from the
-    GPU can be asynchronous. Raises OSError where CUDA refuses; the CUDA runtime then keeps
-    that error as its last one, which torch's next checked launch reports, so the process
-    should not go on using CUDA (the engine's construction fails with it).
+    GPU can be asynchronous. Raises OSError where CUDA refuses, having reset the CUDA
+    runtime's last error (`reset_cuda_last_error`): torch's next checked kernel launch would
+    otherwise report it as its own, and a caller could not try again with a smaller pool.
 
     `pin_memory=True` would do it through torch's caching host allocator, which rounds every
     allocation up to a power of two: a 300 MB layer of a 7B model's host pool would hold 512 MB
@@ -98,8 +99,32 @@ def pin_in_place(t: torch.Tensor, device: torch.device | None = None) -> None:
         err = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes,
                                                        HOST_REGISTER_PORTABLE))
     if err:
+        reset_cuda_last_error()
         raise OSError(f"CUDA could not page-lock {nbytes / 2**20:.0f} MiB of host memory for the "
                       f"host KV pool (cudaError {err}); lower --cpu-kv-gb or --cpu-kv-blocks")
+
+
+def cuda_runtime_library() -> ctypes.CDLL | None:
+    """The CUDA runtime library torch has loaded (found in this process's memory maps; Linux),
+    or None: torch's `cudart()` bindings have no cudaGetLastError."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "/libcudart" in line})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+def reset_cuda_last_error() -> int:
+    """Read and clear this thread's CUDA runtime last error (cudaGetLastError): the error code,
+    or -1 where the runtime library cannot be found (a torch linked to it statically)."""
+    lib = cuda_runtime_library()
+    return -1 if lib is None else int(lib.cudaGetLastError())
 
 
 def unpin(pointers: list[int]) -> None:

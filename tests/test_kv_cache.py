@@ -435,12 +435,46 @@ def test_host_pool_is_page_locked_at_its_exact_size_for_its_lifetime(monkeypatch
     assert cudart.registered == {}
 
 
+class FakeRuntimeLibrary:
+    """Stands in for the loaded libcudart: counts the reads of its last error."""
+
+    def __init__(self):
+        self.resets = 0
+
+    def cudaGetLastError(self):
+        self.resets += 1
+        return 2
+
+
 def test_host_pool_that_cannot_be_page_locked_says_so_and_releases_what_it_locked(monkeypatch):
-    cudart = FakeCudart(fail_at=3)
+    """The error names the flags to lower, what was locked is let go, and CUDA's last error is
+    cleared (torch's next checked launch would report it as its own)."""
+    import apex_mini.kv_cache as kv_cache
+    cudart, runtime = FakeCudart(fail_at=3), FakeRuntimeLibrary()
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(kv_cache, "cuda_runtime_library", lambda: runtime)
     with pytest.raises(OSError, match="could not page-lock .* lower --cpu-kv-gb"):
         KVPool(L, 5, 4, KVH, D, torch.float16, "cpu", pin=True)
     assert cudart.registered == {}
+    assert runtime.resets == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stays_usable_after_memory_fails_to_page_lock():
+    """On a real GPU: a refused cudaHostRegister (here: memory registered already) raises, and
+    the next kernel launch, which torch checks with cudaGetLastError, still succeeds."""
+    from apex_mini.kv_cache import cuda_runtime_library, pin_in_place, unpin
+    assert cuda_runtime_library() is not None, "the CUDA runtime library torch loaded was not found"
+    t = torch.zeros(1024)
+    pin_in_place(t, torch.device("cuda"))
+    try:
+        with pytest.raises(OSError, match="could not page-lock"):
+            pin_in_place(t, torch.device("cuda"))
+        x = torch.ones(8, device="cuda") * 2
+        assert x.sum().item() == 16
+    finally:
+        unpin([t.data_ptr()])
 
 
 @pytest.mark.gpu
