@@ -45,6 +45,7 @@ import torch
 from . import cpu_attention as ca
 from .bench_decode import copy_bandwidth_gbps
 from .cli import check_output_path, check_threads, run_cli, size_list, write_json
+from .cpu_worker import CPUAttentionWorker
 from .metrics import machine_info
 from .packed_linear import available_memory_bytes
 from .weights import MODEL_SHAPES
@@ -169,7 +170,7 @@ class Point:
         return self.q, self.k_cache, self.v_cache, self.tables[i % self.copies], self.scale
 
 
-def time_kernel(worker: ca.CPUAttentionWorker, kernel, point: Point) -> tuple[float, torch.Tensor]:
+def time_kernel(worker: CPUAttentionWorker, kernel, point: Point) -> tuple[float, torch.Tensor]:
     """(median seconds per call, the first timed call's output), after one warm-up call."""
     worker.submit(kernel, *point.args(0)).result()
     times, out, spent = [], None, 0.0
@@ -193,7 +194,7 @@ def run(contexts: list[int], batches: list[int], modes: list[str], shape: str,
     rows = []
     # The kernel alone: its worker may use every torch thread (the engine leaves one to its
     # main thread; see CPUAttentionWorker).
-    with ca.CPUAttentionWorker(1, intra_op_threads=torch.get_num_threads()) as worker:
+    with CPUAttentionWorker(1, intra_op_threads=torch.get_num_threads()) as worker:
         if "compiled" in modes:
             # The engine's graphs, compiled in its order: which loops Inductor shares among the
             # threads depends on the sizes it first compiles at (ca.precompile). Pool sizes are

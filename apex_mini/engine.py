@@ -14,7 +14,8 @@ import torch
 
 from .config import EngineConfig
 from .cost_tables import BatchShape
-from .cpu_attention import CPUAttentionWorker, compile_enabled, precompile
+from .cpu_attention import compile_enabled, precompile
+from .cpu_worker import CPUAttentionWorker
 from .decode_step import DecodeStep
 from .device_memory import activation_reserve
 from .kv_cache import BlockManager, KVPool

@@ -320,7 +320,7 @@ class Profiler:
     # ---------------------------------------------------------------- the run
 
     def run(self, grid: Grid = QUICK) -> Profile:
-        from .cpu_attention import CPUAttentionWorker
+        from .cpu_worker import CPUAttentionWorker
         bs = self.block_size
         worker = CPUAttentionWorker(self.cpu_threads, device=self.device)
         one_block = KVPool.bytes_per_block(1, bs, self.mc.num_key_value_heads, self.mc.head_dim,
@@ -412,7 +412,7 @@ def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
     any request; the profile command sizes that pool at `DECODE_POOL_BYTES`). Every sequence
     holds kv_tokens / n_seqs tokens (whole blocks); past the pool's size block ids repeat, so
     a big point reads some memory twice, where a pool of its size would not."""
-    from .cpu_attention import CPUAttentionWorker
+    from .cpu_worker import CPUAttentionWorker
     from .plan import Plan
     from .sequence import GPU
     bs = engine.cfg.block_size
@@ -444,7 +444,7 @@ def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strateg
     `ModelRunner` on the engine's (still empty) device pool: prompts from a few tokens to
     `PROMPT_CALIBRATION_BLOCKS` blocks, beside decodes of a few tokens in block 0. Returns
     (shape, strategy, median measured seconds) per plan."""
-    from .cpu_attention import CPUAttentionWorker
+    from .cpu_worker import CPUAttentionWorker
     from .sequence import GPU
 
     bs = engine.cfg.block_size

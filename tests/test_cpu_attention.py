@@ -1,4 +1,4 @@
-"""CPU attention over the host pool: both kernels against a naive reference, and the worker.
+"""CPU attention over the host pool: both kernels against a naive reference.
 
 The reference gathers each sequence's tokens slot by slot (kv_cache.slots_for), repeats the KV
 heads as Hugging Face's repeat_kv does, and takes a float64 softmax: nothing shared with the
@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from apex_mini import cpu_attention as ca
+from apex_mini.cpu_worker import CPUAttentionWorker
 from apex_mini.kv_cache import slots_for
 from conftest import needs_safe_compile
 
@@ -226,7 +227,7 @@ def test_the_main_thread_runs_python_while_the_worker_is_in_the_compiled_kernel(
     # Hand the GIL over every 0.1 ms, not 5: between two of the worker's C++ calls, the main
     # thread then holds it only briefly, and what it gets inside them is what is measured.
     interval = sys.getswitchinterval()
-    with ca.CPUAttentionWorker(1, intra_op_threads=1) as worker:
+    with CPUAttentionWorker(1, intra_op_threads=1) as worker:
         worker.submit(ca.paged_decode_attention_fused, *case).result()   # compiles
         idle = python_pace(0.3)
         job = worker.submit(attend_until_stopped)
@@ -249,7 +250,7 @@ def test_precompile_leaves_nothing_to_compile(monkeypatch):
     from torch._dynamo.utils import counters
     monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", "0")
     q, k_cache, v_cache, _, _, scale = make_case([1], 6, 3, head_dim=8, spare_blocks=4000)
-    with ca.CPUAttentionWorker(1) as worker:
+    with CPUAttentionWorker(1) as worker:
         worker.submit(ca.precompile, k_cache, v_cache, 6).result()
         graphs = counters["stats"]["unique_graphs"]
         for lens in ([3], [40, 7, 300], [1], [5000], [2100, 9, 600, 70]):
@@ -329,97 +330,3 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch):
         out = ca.paged_decode_attention(*case, compiled=True)
     assert torch.equal(out, ca.paged_decode_attention_eager(*case))
     assert ca._COMPILED.failed
-
-
-# ------------------------------------------------------------------------------ the worker
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_split_decode_equals_one_call(threads):
-    case = make_case([400, 3, 3, 3, 250, 90, 17], 8, 2, seed=7)
-    with ca.CPUAttentionWorker(threads) as worker:
-        out = worker.run_decode(*case, compiled=False)
-    # Not bit-identical: each part trims its tables to its own longest request, which changes
-    # the reductions' blocking, not the math.
-    torch.testing.assert_close(out, ca.paged_decode_attention_eager(*case), rtol=0, atol=1e-6)
-
-
-@given(lens=st.lists(st.integers(1, 5000), min_size=1, max_size=40), parts=st.integers(1, 8))
-def test_split_by_tokens_covers_every_sequence_once(lens, parts):
-    runs = ca.split_by_tokens(torch.tensor(lens), parts)
-    assert 1 <= len(runs) <= parts
-    assert [i for a, b in runs for i in range(a, b)] == list(range(len(lens)))
-
-
-def test_worker_runs_off_the_main_thread():
-    with ca.CPUAttentionWorker(2) as worker:
-        names = {worker.submit(lambda: threading.current_thread().name).result() for _ in range(4)}
-    assert threading.current_thread().name not in names
-    assert all(n.startswith(worker.thread_name_prefix) for n in names)
-
-
-def test_failing_worker_raises_in_the_caller_within_a_second():
-    """A bad block table (too few columns for the lengths) fails inside the worker thread; the
-    caller gets the exception, promptly, and the worker keeps working."""
-    q, k_cache, v_cache, tables, lens, scale = make_case([40, 40], 4, 2)
-    with ca.CPUAttentionWorker(2) as worker:
-        start = time.monotonic()
-        handle = worker.decode_async(q, k_cache, v_cache, tables[:, :1], lens, scale,
-                                     compiled=False)
-        with pytest.raises(Exception):
-            handle.result(timeout=1.0)
-        assert time.monotonic() - start < 1.0
-        assert worker.submit(lambda: 7).result(timeout=1.0) == 7
-
-
-def test_worker_exception_type_reaches_the_caller():
-    with ca.CPUAttentionWorker(1) as worker:
-        def broken():
-            raise ValueError("from the worker")
-        with pytest.raises(ValueError, match="from the worker"):
-            worker.submit(broken).result(timeout=1.0)
-
-
-def test_worker_tasks_run_in_inference_mode():
-    with ca.CPUAttentionWorker(1) as worker:
-        assert worker.submit(torch.is_inference_mode_enabled).result(timeout=1.0)
-
-
-def test_drain_waits_for_every_task_handed_over():
-    ended = []
-    with ca.CPUAttentionWorker(2) as worker:
-        for i in range(4):
-            worker.submit(lambda i=i: time.sleep(0.1) or ended.append(i))
-        worker.submit(lambda: 1 / 0)                  # a failed task counts as ended too
-        worker.drain()
-        assert sorted(ended) == [0, 1, 2, 3]
-
-
-def test_a_closed_worker_says_so():
-    worker = ca.CPUAttentionWorker(1)
-    worker.close()
-    worker.close()                                    # idempotent
-    with pytest.raises(RuntimeError, match="worker is closed"):
-        worker.submit(lambda: 7)
-
-
-def test_an_unclosed_worker_ends_its_threads_when_collected():
-    """Nothing else holds a worker's pool: dropped without close(), its threads still end."""
-    import gc
-    worker = ca.CPUAttentionWorker(2)
-    prefix = worker.thread_name_prefix
-    assert worker.submit(lambda: 7).result(timeout=1.0) == 7
-
-    def alive():
-        return [t for t in threading.enumerate() if t.name.startswith(prefix)]
-    assert alive()
-    del worker
-    gc.collect()
-    deadline = time.monotonic() + 5.0
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive()
-
-
-def test_worker_rejects_zero_threads():
-    with pytest.raises(ValueError, match="at least 1"):
-        ca.CPUAttentionWorker(0)

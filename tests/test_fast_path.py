@@ -240,7 +240,7 @@ def test_stacked_linear_refuses_an_unknown_layout():
 def test_runners_of_one_engine_share_its_decode_step(gqa_llama3_ckpt):
     """The profiler's runners and the engine's use one decode step: one packed copy of the
     weights (and one compile) per engine, not one per runner."""
-    from apex_mini.cpu_attention import CPUAttentionWorker
+    from apex_mini.cpu_worker import CPUAttentionWorker
     llm = LLM(gqa_llama3_ckpt, device="cpu", dtype="float32", policy="gpu-only")
     engine = llm.engine
     with CPUAttentionWorker(1) as worker:

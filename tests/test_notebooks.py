@@ -18,7 +18,7 @@ PAIRS = {
     "01_llama": ("model.py", "rope.py"),
     "02_kv_cache": ("kv_cache.py", "device_memory.py"),
     "03_cpu_attention": ("cpu_attention.py", "compile_fallback.py"),
-    "04_overlap": ("streams.py", "runner.py", "bench_overlap.py"),
+    "04_overlap": ("streams.py", "runner.py", "cpu_worker.py", "bench_overlap.py"),
     "05_profiler_predictor": ("profiler.py", "predictor.py", "feedback.py"),
     "06_scheduler": ("scheduler.py",),
     "07_benchmarks": ("bench.py",),
