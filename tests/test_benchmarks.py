@@ -181,43 +181,59 @@ def test_overlap_bad_flags_are_one_line():
         assert run_cli(lambda: bench.main(argv)) == 2
 
 
+def run_gpu_session(tmp_path, fake_body: str = "", **env_vars):
+    """Run docs/gpu_session.sh with a stand-in python3 that records its arguments (and the
+    host-kernel variable) and then runs `fake_body` (sh). Returns the finished process, each
+    step's end line, and the recorded calls."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    record = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir(parents=True)
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\t" "$a"; done >> {record}\n'
+                    f'echo "eager=$APEX_MINI_EAGER_CPU_ATTENTION" >> {record}\n{fake_body}\n')
+    fake.chmod(0o755)
+    root = Path(__file__).resolve().parents[1]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "APEX_MINI_EAGER_CPU_ATTENTION"}
+    env.update({"PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+                "OUT": str(tmp_path / "out"), "TMPDIR": str(scratch), "DRY": "0", **env_vars})
+    run = subprocess.run(["bash", "docs/gpu_session.sh"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "out" / "results.tgz").is_file()
+    assert not list(scratch.iterdir())               # its scratch folder is removed
+    ends = [line for line in run.stdout.splitlines() if line.startswith("== ") and ": exit " in line]
+    half = len(ends) // 2                            # each step's end, then the summary again
+    assert ends[:half] == ends[half:], run.stdout
+    calls = []
+    for line in record.read_text().splitlines() if record.exists() else []:
+        argv, _, eager = line.rpartition("eager=")
+        calls.append((argv.rstrip("\t").split("\t"), eager))
+    return run, ends[:half], calls
+
+
 @pytest.mark.parametrize("dry", [False, True], ids=["gpu", "dry"])
 def test_gpu_session_script_runs_every_step_with_flags_that_parse(tmp_path, dry):
     """docs/gpu_session.sh, with a stand-in python3 that records its arguments: every step runs
     and reports its exit status, the reports are archived, and each apex_mini command's flags
     parse (a renamed flag would cost a GPU session its one call)."""
     import importlib
-    import os
-    import shutil
-    import subprocess
-    from pathlib import Path
 
     from apex_mini import profile
 
-    if shutil.which("bash") is None or shutil.which("timeout") is None:
-        pytest.skip("needs bash and coreutils' timeout")
-    record = tmp_path / "calls.txt"
-    fake = tmp_path / "bin" / "python3"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do printf "%s\\t" "$a"; done >> {record}\n'
-                    f'echo >> {record}\n')
-    fake.chmod(0o755)
-    root = Path(__file__).resolve().parents[1]
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
-               OUT=str(tmp_path / "out"), DRY="1" if dry else "0", TMPDIR=str(scratch))
-    run = subprocess.run(["bash", "docs/gpu_session.sh"], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    ends = [line for line in run.stdout.splitlines() if line.startswith("== ") and ": exit " in line]
-    half = len(ends) // 2                            # each step's end, then the summary again
-    assert half == 9 and ends[:half] == ends[half:], run.stdout
-    assert all(": exit 0 after" in line for line in ends), run.stdout
-    assert (tmp_path / "out" / "results.tgz").is_file()
-    assert not list(scratch.iterdir())               # its scratch folder is removed
+    run, ends, recorded = run_gpu_session(tmp_path, DRY="1" if dry else "0")
+    assert len(ends) == 9 and all(": exit 0 after" in line for line in ends), run.stdout
     assert (tmp_path / "out" / "session.log").read_text().count("exit 0") >= 9
-    calls = [line.rstrip("\t").split("\t") for line in record.read_text().splitlines()]
+    # The overlap evidence is recorded with the compiled host kernel, whatever the torch.
+    assert [eager for argv, eager in recorded if "overlap" in argv] == ["0"]
+    calls = [argv for argv, _ in recorded]
     modules = [c[1] for c in calls if c[0] == "-m"]
     assert modules.count("apex_mini.bench") == 6 and "apex_mini.profile" in modules
     for argv in calls:
@@ -229,3 +245,19 @@ def test_gpu_session_script_runs_every_step_with_flags_that_parse(tmp_path, dry)
         else:
             continue
         assert getattr(args, "device", None) in ((None, "cpu") if dry else (None, "cuda"))
+
+
+def test_gpu_session_falls_back_to_the_eager_overlap_and_keeps_to_its_budget(tmp_path):
+    """A compiled overlap run that fails (torch 2.11's crash) is followed by an eager one, and
+    with the budget spent, every later step is skipped while the archive is still written."""
+    fail_compiled_overlap = ('case "$*" in *overlap*) [ "$APEX_MINI_EAGER_CPU_ATTENTION" = 0 ] '
+                             '&& exit 139;; esac; exit 0')
+    _, ends, recorded = run_gpu_session(tmp_path / "a", fail_compiled_overlap)
+    assert [eager for argv, eager in recorded if "overlap" in argv] == ["0", "1"]
+    assert [line.split(":")[0] for line in ends if ": exit 0" not in line] == ["== overlap"]
+    assert any(line.startswith("== overlap-eager: exit 0") for line in ends)
+    assert len(ends) == 10
+
+    _, ends, recorded = run_gpu_session(tmp_path / "b", BUDGET="0")
+    assert recorded == [] and len(ends) == 10                # overlap-eager is tried, and skipped
+    assert all(": exit 124 after 0 s (skipped" in line for line in ends)
