@@ -1,4 +1,5 @@
-"""Paged decode attention over the host KV pool, and the worker threads that run it.
+"""Paged decode attention over the host KV pool (the worker threads that run it are in
+`cpu_worker.py`).
 
 Host-resident requests keep their KV in the CPU pool; every decode step reads all of it once
 and does little arithmetic per byte, so this kernel is bound by memory bandwidth and its figure
