@@ -212,8 +212,7 @@ class EngineConfig:
                                       "model's max_position_embeddings)")
     cpu_threads: int = _flag(1, "worker threads for CPU attention")
     compile_cpu_attention: bool = _flag(True, "torch.compile the CPU attention kernel (env "
-                                        "APEX_MINI_EAGER_CPU_ATTENTION=1 forces eager; eager "
-                                        "by default before torch 2.12)")
+                                        "APEX_MINI_EAGER_CPU_ATTENTION=1 forces eager)")
     cuda_graphs: bool = _flag(True, "capture the device part of decode steps in CUDA graphs")
     bucket_decode: bool = _flag(True, "pad decode batches to power-of-two sizes so static shapes "
                                 "can be reused")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,38 +42,22 @@ SUPERBLOCK = 8
 
 
 # torch 2.11 crashes (a segmentation fault inside Dynamo) when a thread traces a compiled
-# function after another thread that traced it has ended; 2.12 and 2.13 do not. Engines trace
-# on their worker threads, which end at close(), so a second engine in one process that needs a
-# new graph (another dtype or head layout) would take the process down. Older releases are not
-# checked and are treated alike.
-SAFE_COMPILE_TORCH = (2, 12)
-_warned_old_torch = False
+# function after another thread that traced it has ended; 2.12 and 2.13 do not. Older releases
+# are not checked and are treated alike: there the workers' threads never end (cpu_worker.py),
+# so the kernel compiles on every release.
+THREADS_MAY_END_TORCH = (2, 12)
 
 
-def compile_supported() -> bool:
-    """Whether this torch release compiles the kernel safely from worker threads (see above)."""
+def compiling_threads_may_end() -> bool:
+    """Whether a thread that compiled the kernel may end without crashing the next compile on
+    another thread: torch >= THREADS_MAY_END_TORCH (see above)."""
     major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    return (major, minor) >= SAFE_COMPILE_TORCH
+    return (major, minor) >= THREADS_MAY_END_TORCH
 
 
 def compile_enabled() -> bool:
-    """False when APEX_MINI_EAGER_CPU_ATTENTION=1 (tests use it to skip compile time) or, with
-    the variable unset, on a torch release older than SAFE_COMPILE_TORCH (warned once);
-    APEX_MINI_EAGER_CPU_ATTENTION=0 compiles on any release."""
-    global _warned_old_torch
-    flag = os.environ.get("APEX_MINI_EAGER_CPU_ATTENTION")
-    if flag == "1":
-        return False
-    if flag == "0" or compile_supported():
-        return True
-    if not _warned_old_torch:
-        _warned_old_torch = True
-        warnings.warn(f"CPU attention runs eager on torch {torch.__version__}: compiling it from "
-                      f"worker threads can crash torch releases before "
-                      f"{'.'.join(map(str, SAFE_COMPILE_TORCH))} (upgrade torch, or set "
-                      f"APEX_MINI_EAGER_CPU_ATTENTION=0 to compile anyway)", RuntimeWarning,
-                      stacklevel=2)
-    return False
+    """False when APEX_MINI_EAGER_CPU_ATTENTION=1: tests use it to skip compile time."""
+    return os.environ.get("APEX_MINI_EAGER_CPU_ATTENTION") != "1"
 
 
 def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -352,7 +335,7 @@ def runs_compiled(compiled: bool = True) -> bool:
 
 def host_kernel(compiled: bool = True) -> str:
     """"compiled" or "eager": the name reports give the kernel `attend(..., compiled)` runs now
-    (eager where asked for, on torch < 2.12 by default, or after a failed compile)."""
+    (eager where asked for, or after a failed compile)."""
     return "compiled" if runs_compiled(compiled) else "eager"
 
 

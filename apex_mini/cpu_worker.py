@@ -5,6 +5,11 @@ a task comes back to the caller through its future, and nothing waits forever.
 
 `CPUAttentionWorker.submit(fn, *args)` runs any task; `decode_async` splits one decode call by
 request over the threads, balanced by KV tokens (`split_by_tokens`).
+
+On torch before 2.12 a thread that compiles the kernel after another compiling thread has ended
+crashes the process (`cpu_attention.THREADS_MAY_END_TORCH`). There the workers' threads never
+end: workers of the same shape share one process-wide pool (`shared_pool`), and close() only
+stops the worker, so every thread that ever compiled is still alive when the next one compiles.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from .cpu_attention import paged_decode_attention
+from .cpu_attention import compiling_threads_may_end, paged_decode_attention
 
 
 def _init_thread(intra_op_threads: int, cuda_device: torch.device | None) -> None:
@@ -38,6 +43,23 @@ def split_by_tokens(context_lens: torch.Tensor, parts: int) -> list[tuple[int, i
             bounds.append(i + 1)
     bounds.append(len(lens))
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+_SHARED_POOLS: dict[tuple[int, int, torch.device | None], tuple[ThreadPoolExecutor, str]] = {}
+_SHARED_POOLS_LOCK = threading.Lock()
+
+
+def shared_pool(num_threads: int, intra_op_threads: int,
+                cuda_device: torch.device | None) -> tuple[ThreadPoolExecutor, str]:
+    """The process-wide pool of this shape and its threads' name prefix, made on first use and
+    never shut down."""
+    key = (num_threads, intra_op_threads, cuda_device)
+    with _SHARED_POOLS_LOCK:
+        if key not in _SHARED_POOLS:
+            name = f"apex-cpu-attn-shared-{len(_SHARED_POOLS) + 1}"
+            _SHARED_POOLS[key] = (ThreadPoolExecutor(num_threads, name, _init_thread,
+                                                     (intra_op_threads, cuda_device)), name)
+        return _SHARED_POOLS[key]
 
 
 class DecodeHandle:
@@ -65,10 +87,15 @@ class CPUAttentionWorker:
     torch.inference_mode(); on a pool of several threads, tasks may run concurrently and in any
     order (wait for an append_kv's handle before attending over what it wrote); drain() waits
     for every task handed over so far (a caller whose step failed calls it before the blocks
-    those tasks write are freed); close() lets queued tasks finish and joins every thread, and
-    the threads also end when an unclosed worker is garbage-collected.
+    those tasks write are freed); close() lets queued tasks finish and joins the worker's threads,
+    which also end when an unclosed worker is garbage-collected (not so with shared threads).
 
     `device` is the engine's: on a GPU each thread makes it its current CUDA device.
+
+    `shared_threads` (default: on torch before 2.12, see the module docstring) takes the threads
+    from the process-wide pool of this shape instead: they outlive the worker, and a worker that
+    another shares them with may queue tasks among this one's (each worker's drain() still waits
+    for its own tasks only).
 
     Torch ops inside a task use `intra_op_threads` OpenMP threads each. The default leaves one
     thread's worth to the main thread and divides the rest among the workers: (torch threads -
@@ -82,19 +109,27 @@ class CPUAttentionWorker:
     _count = 0  # instances made, to give each one's threads a distinct name
 
     def __init__(self, num_threads: int = 1, intra_op_threads: int | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, shared_threads: bool | None = None):
         if num_threads < 1:
             raise ValueError(f"num_threads={num_threads} must be at least 1")
         CPUAttentionWorker._count += 1
         self.num_threads = num_threads
         self.intra_op_threads = intra_op_threads or max(1, (torch.get_num_threads() - 1) // num_threads)
-        self.thread_name_prefix = f"apex-cpu-attn-{CPUAttentionWorker._count}"
-        # The initializer must not hold `self`: the pool's threads would then keep the worker,
-        # and so the pool, alive forever, and an unclosed worker's threads would never end.
+        self.shared_threads = (not compiling_threads_may_end() if shared_threads is None
+                               else shared_threads)
         device = torch.device(device) if device is not None else None
         cuda_device = device if device is not None and device.type == "cuda" else None
-        self._pool = ThreadPoolExecutor(num_threads, self.thread_name_prefix, _init_thread,
-                                        (self.intra_op_threads, cuda_device))
+        if self.shared_threads:
+            self._pool, self.thread_name_prefix = shared_pool(num_threads, self.intra_op_threads,
+                                                              cuda_device)
+        else:
+            # The initializer must not hold `self`: the pool's threads would then keep the
+            # worker, and so the pool, alive forever, and an unclosed worker's threads would
+            # never end.
+            self.thread_name_prefix = f"apex-cpu-attn-{CPUAttentionWorker._count}"
+            self._pool = ThreadPoolExecutor(num_threads, self.thread_name_prefix, _init_thread,
+                                            (self.intra_op_threads, cuda_device))
+        self._closed = False
         self._pending: set[Future] = set()
         self._pending_lock = threading.Lock()
 
@@ -105,11 +140,10 @@ class CPUAttentionWorker:
 
     def submit(self, fn, *args, **kwargs) -> Future:
         """Run fn(*args, **kwargs) on a worker thread; .result(timeout) returns or re-raises."""
-        try:
-            future = self._pool.submit(self._call, fn, args, kwargs)
-        except RuntimeError:                          # the pool's "after shutdown"
+        if self._closed:
             raise RuntimeError("the CPU attention worker is closed (close() was called); "
-                               "build a new engine") from None
+                               "build a new engine")
+        future = self._pool.submit(self._call, fn, args, kwargs)
         with self._pending_lock:
             self._pending.add(future)
         future.add_done_callback(self._done)
@@ -147,8 +181,13 @@ class CPUAttentionWorker:
                                  compiled).result()
 
     def close(self) -> None:
-        """Finish queued tasks and join the threads. Idempotent."""
-        self._pool.shutdown(wait=True)
+        """Finish queued tasks and join the threads (with shared threads: wait for this
+        worker's own tasks; the threads live on). Idempotent."""
+        self._closed = True
+        if self.shared_threads:
+            self.drain()
+        else:
+            self._pool.shutdown(wait=True)
 
     def __enter__(self) -> "CPUAttentionWorker":
         return self

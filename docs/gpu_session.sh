@@ -66,10 +66,9 @@ step pytest-gpu 130 python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs
 
 # 3. The overlap evidence, at a real model's size: per layer, when the CPU worker attended and
 #    when the GPU ran the device attention's kernels (CUDA events), and how much they overlap.
-#    With the compiled host kernel, as the engine runs it on torch >= 2.12: the device image's
-#    torch may be 2.11, where it is off by default because a thread compiling after another
-#    compiling thread ended crashes; one engine per process, as here, ends no thread before
-#    the last compile (docs/benchmarks.md). Should that run fail, the eager kernel's instead.
+#    With the compiled host kernel, as the engine runs it (on the device image's torch 2.11
+#    too: there the workers' threads are kept, cpu_worker.py, because a thread compiling after
+#    another compiling thread ended crashes it). Should that run fail, the eager kernel's.
 OVERLAP=(python3 -m apex_mini.bench overlap --model-shape "$BIG" --dtype "$HALF" --device "$DEV"
          --num-requests "$OVERLAP_N" --prompt-len "$OVERLAP_LEN" --steps 3)
 step overlap 95 env APEX_MINI_EAGER_CPU_ATTENTION=0 "${OVERLAP[@]}" \

@@ -16,8 +16,6 @@ Each checkpoint is what `LlamaForCausalLM(config).save_pretrained(dir)` from tra
 
 Helpers for end-to-end runs: `mixed_prompts()` (six token-id prompts of different lengths)
 and `run_greedy(path, prompts, params, ...)` -> (output token lists, the closed engine).
-`needs_safe_compile` skips a test that compiles the CPU attention on a torch that crashes doing
-so from threads (before 2.12).
 
 Fixtures (all session-scoped; treat the folders as read-only, copy them to modify):
     hf_checkpoint(kind) -> Path      factory over the kinds above
@@ -37,14 +35,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from apex_mini.cpu_attention import compile_supported
-
-# For tests that compile the CPU attention on purpose: torch before 2.12 crashes a process that
-# compiles on one thread after another thread that compiled has ended
-# (cpu_attention.SAFE_COMPILE_TORCH), and these tests leave or meet such threads.
-needs_safe_compile = pytest.mark.skipif(
-    not compile_supported(), reason="this torch crashes compiling after a compiling thread ended")
 
 CKPT_KINDS = ("mha", "gqa_llama3", "tied", "sharded")
 VOCAB_SIZE = 384

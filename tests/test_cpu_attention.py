@@ -17,7 +17,6 @@ from hypothesis import given, settings, strategies as st
 from apex_mini import cpu_attention as ca
 from apex_mini.cpu_worker import CPUAttentionWorker
 from apex_mini.kv_cache import slots_for
-from conftest import needs_safe_compile
 
 
 def make_case(context_lens, num_heads, num_kv_heads, head_dim=16, block_size=16,
@@ -141,8 +140,7 @@ def test_block_outside_the_pool_is_a_value_error(bad, kernel):
         fn(q, k_cache, v_cache, tables, lens, scale)    # raises before compiling anything
 
 
-@pytest.mark.parametrize("kernel", ["eager", pytest.param("fused", marks=[pytest.mark.slow,
-                                                                     needs_safe_compile])])
+@pytest.mark.parametrize("kernel", ["eager", pytest.param("fused", marks=pytest.mark.slow)])
 def test_one_steps_tables_serve_every_layer(kernel):
     """DecodeTables built once, read by several layers' pools: each layer's output is exactly
     what a call that builds its own tables gives, and the tables are not changed by use."""
@@ -179,7 +177,6 @@ COMPILED_CASES = [          # (lengths, heads, kv heads, dtype, tolerance): one 
 
 
 @pytest.mark.slow
-@needs_safe_compile
 @pytest.mark.parametrize("lens,heads,kv_heads,dtype,tol", COMPILED_CASES)
 def test_compiled_matches_reference(lens, heads, kv_heads, dtype, tol):
     case = make_case(lens, heads, kv_heads, dtype=dtype, seed=len(lens))
@@ -189,7 +186,6 @@ def test_compiled_matches_reference(lens, heads, kv_heads, dtype, tol):
 
 
 @pytest.mark.slow
-@needs_safe_compile
 def test_compiled_is_the_default_unless_disabled(monkeypatch):
     """paged_decode_attention(compiled=True) runs the fused kernel; the environment variable
     forces eager (bit-identical to calling eager directly)."""
@@ -211,7 +207,6 @@ def python_pace(seconds: float) -> float:
 
 
 @pytest.mark.slow
-@needs_safe_compile
 def test_the_main_thread_runs_python_while_the_worker_is_in_the_compiled_kernel():
     """In the engine the main thread launches device work while the worker attends; it needs
     the GIL for that. Inductor's default Python wrapper runs the generated C++ loops holding
@@ -243,7 +238,6 @@ def test_the_main_thread_runs_python_while_the_worker_is_in_the_compiled_kernel(
 
 
 @pytest.mark.slow
-@needs_safe_compile
 def test_precompile_leaves_nothing_to_compile(monkeypatch):
     """After `precompile` on the worker, with the pool's own tensors, no batch size or context
     length compiles again (each graph costs seconds in a serving run's first iterations)."""
@@ -283,26 +277,26 @@ def test_precompile_contexts_are_one_per_graph_the_range_needs(block_size, lo, h
     assert ca.precompile_contexts(16, 200, 4096) == [129]
 
 
-@pytest.mark.parametrize("version,flag,compiled", [
-    ("2.13.0+cpu", None, True), ("2.12.1", None, True), ("2.11.0+cu130", None, False),
-    ("2.11.0+cu130", "0", True), ("2.13.0", "1", False), ("3.0.0", None, True),
+@pytest.mark.parametrize("version,may_end", [
+    ("2.13.0+cpu", True), ("2.12.1", True), ("2.11.0+cu130", False), ("2.9.1", False),
+    ("3.0.0", True),
 ])
-def test_compiling_is_off_by_default_on_torch_that_crashes(monkeypatch, version, flag, compiled):
-    """torch 2.11 crashes when a thread compiles after another thread that compiled has ended
-    (every engine's worker does, at close): there the kernel runs eager unless asked for, with
-    one warning."""
+def test_threads_that_compiled_may_end_from_torch_2_12(monkeypatch, version, may_end):
+    """torch 2.11 crashes when a thread compiles after another thread that compiled has ended;
+    below 2.12 the workers' threads are kept (test_cpu_worker.py)."""
     monkeypatch.setattr(ca.torch, "__version__", version)
-    monkeypatch.setattr(ca, "_warned_old_torch", False)
+    assert ca.compiling_threads_may_end() is may_end
+
+
+@pytest.mark.parametrize("version", ["2.13.0", "2.11.0+cu130"])
+@pytest.mark.parametrize("flag,compiled", [(None, True), ("0", True), ("1", False)])
+def test_only_the_variable_turns_compiling_off(monkeypatch, version, flag, compiled):
+    monkeypatch.setattr(ca.torch, "__version__", version)
     if flag is None:
         monkeypatch.delenv("APEX_MINI_EAGER_CPU_ATTENTION", raising=False)
     else:
         monkeypatch.setenv("APEX_MINI_EAGER_CPU_ATTENTION", flag)
-    if compiled or flag is not None:
-        assert ca.compile_enabled() is compiled
-    else:
-        with pytest.warns(RuntimeWarning, match="APEX_MINI_EAGER_CPU_ATTENTION=0 to compile"):
-            assert ca.compile_enabled() is False
-        assert ca.compile_enabled() is False                  # warned once
+    assert ca.compile_enabled() is compiled
 
 
 def test_runs_compiled_says_which_kernel_attend_runs(monkeypatch):

@@ -1,5 +1,6 @@
 """The CPU attention worker: split decodes equal one call, tasks run off the main thread in
-inference mode, a failing task raises in the caller promptly, and the threads end."""
+inference mode, a failing task raises in the caller promptly, and the threads end (or, shared on
+torch before 2.12, live on)."""
 from __future__ import annotations
 
 import threading
@@ -10,6 +11,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from apex_mini import cpu_attention as ca
+from apex_mini import cpu_worker
 from apex_mini.cpu_worker import CPUAttentionWorker, split_by_tokens
 from test_cpu_attention import make_case
 
@@ -86,7 +88,7 @@ def test_a_closed_worker_says_so():
 def test_an_unclosed_worker_ends_its_threads_when_collected():
     """Nothing else holds a worker's pool: dropped without close(), its threads still end."""
     import gc
-    worker = CPUAttentionWorker(2)
+    worker = CPUAttentionWorker(2, shared_threads=False)
     prefix = worker.thread_name_prefix
     assert worker.submit(lambda: 7).result(timeout=1.0) == 7
 
@@ -99,6 +101,50 @@ def test_an_unclosed_worker_ends_its_threads_when_collected():
     while alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive()
+
+
+def threads_named(prefix: str) -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith(prefix)}
+
+
+def test_shared_threads_outlive_their_workers_and_serve_the_next():
+    """Torch before 2.12 crashes compiling on a thread after a compiling thread ended; there
+    workers of one shape share threads that never end. A closed worker refuses tasks, waits for
+    its own first, and leaves the threads serving the others."""
+    first = CPUAttentionWorker(2, intra_op_threads=1, shared_threads=True)
+    second = CPUAttentionWorker(2, intra_op_threads=1, shared_threads=True)
+    other_shape = CPUAttentionWorker(1, intra_op_threads=1, shared_threads=True)
+    assert first.thread_name_prefix == second.thread_name_prefix != other_shape.thread_name_prefix
+    slow_ended = threading.Event()
+    first.submit(lambda: time.sleep(0.3) or slow_ended.set())
+    start = time.monotonic()
+    assert second.submit(lambda: 7).result(timeout=1.0) == 7       # on the other thread
+    second.drain()                                    # its own tasks only: not the slow one
+    assert time.monotonic() - start < 0.25 and not slow_ended.is_set()
+    names = threads_named(first.thread_name_prefix)
+    assert len(names) == 2
+    first.close()
+    assert slow_ended.is_set()                        # close() waited for first's task
+    with pytest.raises(RuntimeError, match="worker is closed"):
+        first.submit(lambda: 7)
+    del first
+    import gc
+    gc.collect()
+    assert threads_named(second.thread_name_prefix) == names
+    assert second.submit(lambda: threading.current_thread().name).result(timeout=1.0) in names
+    for worker in (second, other_shape):
+        worker.close()
+    assert threads_named(second.thread_name_prefix) == names
+    again = CPUAttentionWorker(2, intra_op_threads=1, shared_threads=True)
+    assert again.submit(lambda: threading.current_thread().name).result(timeout=1.0) in names
+    again.close()
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_threads_are_shared_by_default_only_where_torch_needs_it(monkeypatch, safe):
+    monkeypatch.setattr(cpu_worker, "compiling_threads_may_end", lambda: safe)
+    with CPUAttentionWorker(1) as worker:
+        assert worker.shared_threads is not safe
 
 
 def test_worker_rejects_zero_threads():

@@ -10,7 +10,7 @@ import torch
 
 from apex_mini import LLM, SamplingParams
 from apex_mini.config import EngineConfig
-from conftest import mixed_prompts, needs_safe_compile, run_greedy
+from conftest import mixed_prompts, run_greedy
 from apex_mini.plan import Strategy
 from apex_mini.policies import StaticPolicy
 from apex_mini.sequence import CPU, GPU
@@ -180,7 +180,6 @@ def test_a_host_tier_of_no_blocks_is_a_clear_error(mha_ckpt):
 
 
 @pytest.mark.slow
-@needs_safe_compile
 def test_host_engine_compiles_its_host_kernel_when_built(gqa_llama3_ckpt, monkeypatch):
     """With the compiled host kernel on, a host-policy engine compiles its graphs when it is
     built: decoding on the host afterwards (three requests, then two, then one; contexts of one
