@@ -37,6 +37,8 @@ from tqdm import tqdm
 from . import attention as dev_attn
 from .cli import check_output_path
 from .cost_tables import PROFILE_VERSION, BatchShape, Profile
+from .cpu_attention import DecodeTables, append_kv, attend as host_attend, compile_enabled
+from .cpu_worker import CPUAttentionWorker
 from .kv_cache import KVPool, copy_blocks
 from .metrics import host_cpu_name
 from .plan import Plan, Strategy
@@ -91,7 +93,6 @@ def profile_key(model_config, dtype: torch.dtype, device: torch.device, block_si
 def engine_key(engine) -> dict:
     """profile_key for this engine, plus the options of its decode step, which the profile's
     whole-iteration decode table (calibrate) measures."""
-    from .cpu_attention import compile_enabled
     cfg = engine.cfg
     key = profile_key(engine.model_config, engine.dtype, engine.device, cfg.block_size,
                       cfg.cpu_threads, cfg.compile_cpu_attention and compile_enabled())
@@ -260,7 +261,6 @@ class Profiler:
         return lambda: self._pass(n, middle)[1]
 
     def _cpu_decode(self, n: int, total: int, worker):
-        from .cpu_attention import DecodeTables, append_kv, attend as host_attend
         caches, tables, lens = self._decode_caches(n, total, "cpu")
         slots = (tables[:, -1] * self.block_size + self.block_size - 1).contiguous()  # [n]
         pin = self.device.type == "cuda"
@@ -320,7 +320,6 @@ class Profiler:
     # ---------------------------------------------------------------- the run
 
     def run(self, grid: Grid = QUICK) -> Profile:
-        from .cpu_worker import CPUAttentionWorker
         bs = self.block_size
         worker = CPUAttentionWorker(self.cpu_threads, device=self.device)
         one_block = KVPool.bytes_per_block(1, bs, self.mc.num_key_value_heads, self.mc.head_dim,
@@ -412,8 +411,6 @@ def decode_iteration_table(engine, grid: Grid) -> list[list[float]]:
     any request; the profile command sizes that pool at `DECODE_POOL_BYTES`). Every sequence
     holds kv_tokens / n_seqs tokens (whole blocks); past the pool's size block ids repeat, so
     a big point reads some memory twice, where a pool of its size would not."""
-    from .cpu_worker import CPUAttentionWorker
-    from .plan import Plan
     from .sequence import GPU
     bs = engine.cfg.block_size
     points = [(n, kv) for n in grid.seqs for kv in grid.kv if kv % (n * bs) == 0]
@@ -444,7 +441,6 @@ def calibration_runs(engine, repeats: int = 7) -> list[tuple[BatchShape, Strateg
     `ModelRunner` on the engine's (still empty) device pool: prompts from a few tokens to
     `PROMPT_CALIBRATION_BLOCKS` blocks, beside decodes of a few tokens in block 0. Returns
     (shape, strategy, median measured seconds) per plan."""
-    from .cpu_worker import CPUAttentionWorker
     from .sequence import GPU
 
     bs = engine.cfg.block_size
@@ -481,7 +477,6 @@ def calibrate(profile: Profile, engine, grid: Grid = QUICK, repeats: int = 7) ->
 
 
 def profile_engine(engine, grid: Grid = QUICK, progress: bool = True) -> Profile:
-    from .cpu_attention import compile_enabled
     compiled = engine.cfg.compile_cpu_attention and compile_enabled()
     profiler = Profiler(engine.model, engine.cfg.block_size, engine.cfg.cpu_threads, compiled,
                         progress)
