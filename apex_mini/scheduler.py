@@ -55,11 +55,12 @@ class Scheduler:
                        hint: str = "raise --gpu-kv-blocks/--cpu-kv-blocks or lower "
                                    "--max-new-tokens") -> None:
         """Raise ValueError unless a request's whole KV (prompt plus output, up to the model's
-        context) fits in one tier this policy uses: else it could never run. `hint`: what to
-        change, in the caller's own words (a tool's flags)."""
-        need = prompt_len + max_tokens
+        context) fits in one tier this policy uses: else it could never run. The last output
+        token is sampled, never fed back, so it takes no KV slot. `hint`: what to change, in the
+        caller's own words (a tool's flags)."""
+        need = max(prompt_len, min(prompt_len + max_tokens, self.max_model_len) - 1)
         biggest = max(m.num_blocks for m in self.blocks.values() if self.usable(m))
-        if self.blocks[GPU].blocks_needed(min(need, self.max_model_len)) > biggest:
+        if self.blocks[GPU].blocks_needed(need) > biggest:
             raise ValueError(
                 f"{what} needs {need} tokens of KV cache but the largest tier holds "
                 f"{biggest * self.blocks[GPU].block_size}; {hint}")
@@ -181,12 +182,13 @@ class Scheduler:
             # Keep one free block per device-resident request so the next decode step fits. A
             # parked request keeps only the spare block a new admission keeps (`place`), as
             # a preempted one would be admitted again: it waits for the device, and the
-            # device's waiting requests wait behind it.
+            # device's waiting requests wait behind it. An empty device keeps none, as for a
+            # new admission: a request that needs every device block still comes back.
             n_dev = len(self.tier_seqs(GPU))
-            headroom = (1 if n_dev else 0) if seq.parked else n_dev + 1
+            headroom = 0 if not n_dev else 1 if seq.parked else n_dev + 1
             need = gpu.blocks_needed(seq.num_tokens)
             if need + headroom > gpu.num_free:
-                if need + (0 if seq.parked else 1) > gpu.num_blocks:
+                if need > gpu.num_blocks:
                     continue                         # could never come back: no one waits on it
                 break
             self._move(seq, GPU, plan)

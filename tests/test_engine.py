@@ -163,8 +163,8 @@ def test_a_rejected_prompt_queues_none_of_its_call(mha_ckpt):
     last prompt must not leave the first ones to run, unreturned, in the next call."""
     llm = LLM(mha_ckpt, device="cpu", dtype="float32", block_size=16, gpu_kv_blocks=2)
     fits = SamplingParams(temperature=0.0, max_tokens=4)
-    too_long = SamplingParams(temperature=0.0, max_tokens=100)     # 105 tokens > 2 blocks of 16
-    with pytest.raises(ValueError, match="prompt 1 needs 105 tokens of KV cache"):
+    too_long = SamplingParams(temperature=0.0, max_tokens=100)     # 104 KV tokens > 2 blocks of 16
+    with pytest.raises(ValueError, match="prompt 1 needs 104 tokens of KV cache"):
         llm.generate([[5, 6, 7], [5] * 5], [fits, too_long])
     assert not llm.engine.has_work()
     assert len(llm.generate([[8, 9]], fits)) == 1

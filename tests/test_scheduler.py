@@ -247,13 +247,13 @@ def test_a_request_that_needs_the_whole_device_gets_in_once_it_is_empty(policy_c
     nothing running there a request that needs every device block (and does not fit the
     smaller host) must still be placed, as under GPU-only, and run to its end."""
     sched = make_sched(policy_cls(cfg(), DesignModel()), gpu_blocks=4, cpu_blocks=2)
-    seq = new_seq(62, max_tokens=2)                  # 64 tokens: exactly the 4 device blocks
+    seq = new_seq(62, max_tokens=3)                  # 64 KV tokens: exactly the 4 device blocks
     sched.add(seq)
     plan = step(sched)
     assert seq.tier == GPU and [s for s, _ in plan.prefills] == [seq]
     while sched.has_work():
         assert not step(sched).is_empty
-    assert seq.num_output == 2 and sched.num_preemptions == 0
+    assert seq.num_output == 3 and sched.num_preemptions == 0
 
 
 def test_new_request_waits_when_the_host_cannot_pay():
@@ -419,6 +419,21 @@ def test_a_parked_request_that_needs_the_whole_device_comes_back_to_it():
         on_host += big in plan.cpu_decodes
         on_device += big in plan.gpu_decodes
     assert sched.num_parks >= 1 and on_host == 0 and on_device == 8
+
+
+@pytest.mark.parametrize("policy_cls", [ApexPolicy, NeoPolicy])
+def test_a_host_request_that_needs_the_whole_device_comes_back_to_it_once_empty(policy_cls):
+    """Decoding on the host, not parked, it needs all 4 device blocks (49 to 63 tokens) while
+    the device stands empty. An empty device keeps no spare block, as for a new admission, so
+    it must come back and decode there to its end, not stay on the host for good."""
+    sched = make_sched(policy_cls(cfg(), DesignModel(R=1.0)), gpu_blocks=4, cpu_blocks=64)
+    h = decoding(sched, CPU, ctx=49, max_tokens=15)
+    on_host = on_device = 0
+    while sched.has_work():
+        plan = step(sched)
+        on_host += h in plan.cpu_decodes
+        on_device += h in plan.gpu_decodes
+    assert (on_device, on_host) == (15, 0) and h.num_output == 15
 
 
 def test_a_device_emptied_within_one_pass_still_takes_its_parked_request_back():
@@ -663,6 +678,27 @@ def test_every_request_finishes(seed, policy_name, n):
         assert not plan.is_empty or plan.swaps or plan.preempted
     assert not sched.has_work()
     assert all(s.status is Status.FINISHED and s.num_output == s.params.max_tokens for s in seqs)
+
+
+def test_the_capacity_check_counts_only_the_kv_a_request_writes():
+    """The last output token is sampled, never fed back, so a request's KV peaks at prompt +
+    max_tokens - 1 tokens, and at one under the model's context: a request that fills the
+    4-block tier exactly is taken and runs to its end there; one token more is refused."""
+    sched = make_sched(GpuOnlyPolicy(), gpu_blocks=4, cpu_blocks=4)
+    fits = new_seq(60, max_tokens=5)                # 64 KV tokens
+    sched.add(fits)
+    while sched.has_work():
+        step(sched)
+    assert fits.num_output == 5 and sched.num_preemptions == 0
+    with pytest.raises(ValueError, match="needs 65 tokens of KV cache but the largest tier holds 64"):
+        sched.add(new_seq(60, max_tokens=6))
+    capped = Scheduler(GpuOnlyPolicy(), BlockManager(4, BS, GPU), BlockManager(4, BS, CPU),
+                       256, 2048, max_model_len=65)
+    long = new_seq(60, max_tokens=100)              # stops at the context: 64 KV tokens
+    capped.add(long)
+    while capped.has_work():
+        step(capped)
+    assert long.num_output == 5 and long.finish_reason == "length"
 
 
 def test_gpu_only_policy_unchanged():
