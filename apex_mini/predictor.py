@@ -188,7 +188,9 @@ class Predictor:
         if self.on_cpu:                                   # the runner copies nothing
             return 0.0, job, 0.0
         row = self.tables.bytes_per_token_row
-        down = interp1(self.tables.d2h, (n_cpu + host_prefill) * row)
+        # A decode row sends q, k and v down; a host prefill row only k and v (its attention
+        # runs on the device).
+        down = interp1(self.tables.d2h, (n_cpu + host_prefill * (1.0 - self.up_share)) * row)
         up = interp1(self.tables.h2d, n_cpu * row * self.up_share) if n_cpu else 0.0
         return down, job, up
 
@@ -353,7 +355,7 @@ def _summary(errors: list[float]) -> dict:
     if not errors:
         return {"n": 0, "median_rel_error": None, "p90_rel_error": None}
     ordered = sorted(errors)
-    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    p90 = ordered[-(-9 * len(ordered) // 10) - 1]     # nearest rank: 90% of errors are at most this
     return {"n": len(errors), "median_rel_error": statistics.median(ordered), "p90_rel_error": p90}
 
 
