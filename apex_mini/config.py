@@ -210,7 +210,9 @@ class EngineConfig:
                                         "prefilled in chunks")
     max_model_len: int | None = _flag(None, "longest prompt plus output, in tokens (default: the "
                                       "model's max_position_embeddings)")
-    cpu_threads: int = _flag(1, "worker threads for CPU attention")
+    cpu_threads: int = _flag(1, "worker threads for CPU attention. Each layer's host work is "
+                             "one task (two at once only when pipelining) whose torch ops get "
+                             "(torch threads - 1) // cpu_threads threads, so 1 gives it them all")
     compile_cpu_attention: bool = _flag(True, "torch.compile the CPU attention kernel (env "
                                         "APEX_MINI_EAGER_CPU_ATTENTION=1 forces eager)")
     cuda_graphs: bool = _flag(True, "capture the device part of decode steps in CUDA graphs")

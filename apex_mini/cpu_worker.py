@@ -4,7 +4,10 @@ work. Torch ops let go of the GIL while they run, so the two proceed at once; an
 a task comes back to the caller through its future, and nothing waits forever.
 
 `CPUAttentionWorker.submit(fn, *args)` runs any task; `decode_async` splits one decode call by
-request over the threads, balanced by KV tokens (`split_by_tokens`).
+request over the threads, balanced by KV tokens (`split_by_tokens`). The engine submits each
+layer's host work as one task (`runner.py`; two at a time only when pipelining), which the
+kernel spreads over its thread's torch threads, so one worker thread with every torch thread but
+the main thread's is its default.
 
 On torch before 2.12 a thread that compiles the kernel after another compiling thread has ended
 crashes the process (`cpu_attention.THREADS_MAY_END_TORCH`). There the workers' threads never
