@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .config import DEFAULT_MODEL_DIR, EngineConfig
 from .engine import Engine, load_engine
 from .sampling import SamplingParams
-from .sequence import Sequence
+from .sequence import Sequence, Status
 
 Prompt = str | list[int]
 
@@ -113,9 +113,11 @@ class LLM:
         seqs = self.submit(text_prompts, sampling_params)
         with self._aborted_on_error(seqs), tqdm(total=len(seqs), desc="requests",
                                                  disable=not use_tqdm) as bar:
-            while self.engine.has_work():
+            # Until this call's requests finish (others in the engine, a stream's, say, step
+            # along with them and keep their tokens for their own caller).
+            while not all(s.status is Status.FINISHED for s in seqs):
                 _, finished = self.engine.step()
-                bar.update(len(finished))
+                bar.update(sum(s in seqs for s in finished))
         return [self._output(p, s) for p, s in zip(text_prompts, seqs)]
 
     @contextlib.contextmanager
@@ -140,11 +142,15 @@ class LLM:
                    if self.tokenizer is not None else None)
         seen = 0
         with self._aborted_on_error([seq]):
-            while self.engine.has_work():
-                self.engine.step()
-                for token in seq.output_ids[seen:]:
-                    yield token, (decoder.push(token) if decoder else f"{token} ")
-                seen = seq.num_output
+            # Until the request has finished and every token of it is yielded: other calls
+            # made while this stream is paused (a generate(), another stream) step it too.
+            while seen < seq.num_output or seq.status is not Status.FINISHED:
+                if seen == seq.num_output:
+                    self.engine.step()
+                    continue
+                token = seq.output_ids[seen]
+                seen += 1
+                yield token, (decoder.push(token) if decoder else f"{token} ")
         if decoder:
             yield None, decoder.flush()
 

@@ -279,6 +279,23 @@ def test_a_failed_call_or_an_abandoned_stream_leaves_nothing_behind(mha_ckpt, mo
     llm.close()
 
 
+def test_a_paused_stream_keeps_every_token_while_other_calls_step_the_engine(mha_ckpt):
+    """A stream read in part, then a generate() and a whole second stream in between: those
+    calls step the paused request along with theirs, and its tokens wait for its reader, who
+    gets all 10, the same as a stream read alone."""
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    llm = LLM(mha_ckpt, device="cpu", dtype="float32")
+    alone = [t for t, _ in llm.stream([1, 5, 6], params) if t is not None]
+    paused = llm.stream([1, 5, 6], params)
+    got = [next(paused)[0], next(paused)[0]]
+    assert len(llm.generate([[1, 9]], SamplingParams(temperature=0.0, max_tokens=3))) == 1
+    assert len([t for t, _ in llm.stream([1, 7, 8], params) if t is not None]) == 10
+    got += [t for t, _ in paused if t is not None]
+    assert len(alone) == 10 and got == alone
+    assert not llm.engine.has_work()
+    llm.close()
+
+
 def test_a_failed_step_waits_for_the_host_attention_it_handed_over(mha_ckpt, monkeypatch):
     """Device attention fails while host attention runs on the worker: the step re-raises only
     after the host task has ended, so the blocks it writes are not freed (and reused by the next
