@@ -149,7 +149,11 @@ class Engine:
         if not token_ids:
             raise ValueError(f"{what} has an empty prompt; give some text or token ids")
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        not_ids = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)]
+        if not_ids:
+            raise ValueError(f"{what} has {not_ids[0]!r} among its token ids, which must be "
+                             "integers (a text prompt is one str)")
+        bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{what} has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
         if len(token_ids) >= self.max_model_len:

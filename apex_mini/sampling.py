@@ -17,7 +17,9 @@ _M32 = 0xFFFFFFFF
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """vLLM's names. `temperature=0` is greedy; `top_k=0` and `top_p=1` disable those filters."""
+    """vLLM's names. `temperature=0` is greedy; `top_k=0` and `top_p=1` disable those filters;
+    top-p keeps the most likely tokens until their mass reaches `top_p` (the smallest such
+    set, as transformers and vLLM do)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -30,14 +32,17 @@ class SamplingParams:
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name}={value!r} must be a number")
-        if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not (0.0 <= self.temperature < float("inf")):
+            raise ValueError(f"temperature={self.temperature} must be finite and >= 0 (0 means "
+                             "greedy)")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 disables it)")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos={self.ignore_eos!r} must be True or False")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
         if self.seed is not None and not (_is_int(self.seed) and -2**63 <= self.seed < 2**63):
@@ -111,7 +116,9 @@ def _sample_rows(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     drop = ranks[None, :] >= k[:, None]                                 # outside the top k
     probs = sorted_logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs
-    drop |= mass_before > top_p[:, None]                                # past the top-p nucleus
+    # Past the nucleus: the tokens before it already reach top_p (top_p = 1 drops nothing,
+    # whatever the rounding of the sum).
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)  # [N, V]
     # Exponential race (equivalent to sampling from probs): argmax p / E with E ~ Exp(1).
     u = uniform_noise(seeds, steps, sorted_ids)                         # keyed by token id

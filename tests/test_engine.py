@@ -146,6 +146,9 @@ def test_bad_inputs_raise_value_error(mha_ckpt):
         llm.generate([[5] * 300])
     with pytest.raises(ValueError, match="vocabulary"):
         llm.generate([[5, 100000]])
+    for not_ids in ([5, 1.0], [5, True], ["a", "b"]):                # True is not token 1
+        with pytest.raises(ValueError, match="among its token ids, which must be integers"):
+            llm.generate([not_ids])
     with pytest.raises(ValueError, match="SamplingParams"):
         llm.generate([[5], [6]], [GREEDY])
     with pytest.raises(ValueError, match="unknown engine option"):

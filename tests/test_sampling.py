@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,7 @@ def random_logits(n: int, vocab: int, seed: int = 0, scale: float = 3.0) -> torc
     ("max_tokens", True), ("max_tokens", "5"),
     ("stop_token_ids", 5), ("stop_token_ids", "ab"), ("stop_token_ids", ("a",)),
     ("stop_token_ids", (-1,)),
+    ("temperature", float("inf")), ("ignore_eos", "no"), ("ignore_eos", 0),
 ])
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -51,6 +53,7 @@ def test_boundary_params_are_valid():
     SamplingParams(temperature=0.0, top_p=1.0, top_k=0, max_tokens=1, seed=None)
     SamplingParams(temperature=5.0, top_p=1e-9, top_k=1, seed=0)
     SamplingParams(seed=2**62, stop_token_ids=(2, 3))
+    SamplingParams(temperature=np.float32(0.5), top_p=np.float32(0.9), ignore_eos=True)
     assert SamplingParams(stop_token_ids=[2, 3]).stop_token_ids == (2, 3)   # kept as a tuple
     for seed in (2**63 - 1, -2**63):                 # the int64 ends: the sampler's seed tensor
         SamplingParams(seed=seed)
@@ -207,6 +210,17 @@ def test_top_k_never_leaves_the_top_k():
     rank = (logits > logits.gather(1, got[:, None])).sum(-1)   # 0 = the argmax
     assert (rank < k).all()
     assert (rank > 0).any()                              # and it does sample, not just argmax
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    """Probabilities 0.5, 0.25, 0.25 (exact in fp32): top_p = 0.5 is reached by the first token
+    alone, so only it is ever drawn; top_p = 0.75 keeps two tokens, top_p = 1 all three."""
+    N = 4000
+    logits = torch.tensor([2.0, 1.0, 1.0]).log().expand(N, 3).clone()
+    for top_p, kept in ((0.5, 1), (0.75, 2), (1.0, 3)):
+        got = sample(logits, **rows(logits, top_p=top_p, seeds=torch.arange(N)))
+        drawn = set(got.tolist())
+        assert 0 in drawn and len(drawn) == kept, top_p       # tokens 1 and 2 tie: either
 
 
 def test_top_p_stays_in_the_nucleus():
