@@ -19,6 +19,7 @@ from .cpu_worker import CPUAttentionWorker
 from .decode_step import DecodeStep
 from .device_memory import activation_reserve
 from .kv_cache import BlockManager, KVPool
+from .packed_linear import available_memory_bytes
 from .plan import Plan
 from .policies import make_policy
 from .runner import ModelRunner
@@ -96,6 +97,7 @@ class Engine:
             raise ValueError(f"--cpu-kv-gb {cfg.cpu_kv_gb} holds no KV block ({per_block} bytes); "
                              f"raise it, pass --cpu-kv-blocks, or use --policy gpu-only")
         cpu_blocks = cpu_blocks if uses_host else 1
+        self._check_pools_fit(gpu_blocks + 1, cpu_blocks, per_block)
         self.kv_bytes_per_block = per_block
         # One extra device block that no request owns: padded decode rows write there.
         self.scratch_block = gpu_blocks
@@ -106,6 +108,24 @@ class Engine:
                                pin=self.streams.pin, cuda_device=self.device)
         self.gpu_blocks = BlockManager(gpu_blocks, cfg.block_size, GPU)
         self.cpu_blocks = BlockManager(cpu_blocks, cfg.block_size, CPU)
+
+    def _check_pools_fit(self, device_blocks: int, host_blocks: int, per_block: int) -> None:
+        """Refuse, before allocating them, pools the memory cannot hold: torch would fail with a
+        long allocator error, or the OS kill the process once their pages are touched."""
+        on_cpu = self.device.type == "cpu"
+        host = (host_blocks + (device_blocks if on_cpu else 0)) * per_block
+        free = available_memory_bytes()
+        if free is not None and host > free:
+            flags = "--gpu-kv-blocks (on a CPU that pool is host memory too), " if on_cpu else ""
+            raise ValueError(f"the KV pools need {host / 1e9:.1f} GB of host memory but "
+                             f"{free / 1e9:.1f} GB is available; lower {flags}--cpu-kv-gb or "
+                             "--cpu-kv-blocks")
+        if not on_cpu:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if device_blocks * per_block > free:
+                raise ValueError(f"the device KV pool needs {device_blocks * per_block / 1e9:.1f}"
+                                 f" GB but {free / 1e9:.1f} GB of device memory is free; lower "
+                                 "--gpu-kv-blocks")
 
     def make_runner(self, worker) -> ModelRunner:
         """A runner with this engine's model, pools, decode step and options, on `worker` (the

@@ -174,6 +174,26 @@ def test_a_rejected_prompt_queues_none_of_its_call(mha_ckpt):
     llm.close()
 
 
+def test_pools_larger_than_the_memory_are_refused_before_they_are_allocated(mha_ckpt, monkeypatch):
+    """A billion blocks (terabytes) is a ValueError naming the flags, not an allocator error;
+    so is a host pool past the memory this process could get now."""
+    with pytest.raises(ValueError, match="KV pools need .* GB of host memory .* lower --gpu-kv-blocks"):
+        LLM(mha_ckpt, device="cpu", gpu_kv_blocks=10**9)
+    import apex_mini.engine as engine_module
+    monkeypatch.setattr(engine_module, "available_memory_bytes", lambda: 1 << 20)    # 1 MiB
+    with pytest.raises(ValueError, match="lower --gpu-kv-blocks .*--cpu-kv-gb or --cpu-kv-blocks"):
+        LLM(mha_ckpt, device="cpu", policy="static", cpu_kv_blocks=64)
+    monkeypatch.setattr(engine_module, "available_memory_bytes", lambda: None)     # cannot tell
+    LLM(mha_ckpt, device="cpu", gpu_kv_blocks=4).close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_device_pool_larger_than_the_free_device_memory_is_refused(mha_ckpt):
+    with pytest.raises(ValueError, match="device KV pool needs .* lower --gpu-kv-blocks"):
+        LLM(mha_ckpt, device="cuda", dtype="float32", gpu_kv_blocks=10**8)
+
+
 def test_a_host_tier_of_no_blocks_is_a_clear_error(mha_ckpt):
     with pytest.raises(ValueError, match="--cpu-kv-gb 0.0 holds no KV block"):
         LLM(mha_ckpt, device="cpu", policy="static", cpu_kv_gb=0.0)
