@@ -20,7 +20,28 @@ from typing import Any
 DEFAULT_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "weights" / "apex-tiny-llama")
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ACTIVATIONS = ("silu", "swish")      # transformers' two names for SiLU
+# The fields each supported rope_type needs (transformers' names), all numbers > 0.
+ROPE_TYPE_FIELDS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_TYPE_FIELDS)
+
+
+def rope_type_of(scaling: dict) -> str:
+    """A rope_scaling's type: transformers writes `rope_type`, older configs `type`."""
+    return scaling.get("rope_type", scaling.get("type", "default"))
+
+
+def _is_positive_number(value) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,26 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"config.json: head_dim={self.head_dim} must be even (RoPE rotates "
                              "pairs)")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_positive_number(value):
+                raise ValueError(f"config.json: {name}={value!r} must be a JSON number > 0")
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"config.json: {name}={value!r} must be a JSON boolean, true "
+                                 "or false")
+        if not (self.bos_token_id is None or _is_token_id(self.bos_token_id)):
+            raise ValueError(f"config.json: bos_token_id={self.bos_token_id!r} must be a token id "
+                             "(an integer >= 0) or null")
+        eos = self.eos_token_id
+        if not (eos is None or _is_token_id(eos)
+                or isinstance(eos, (list, tuple)) and all(_is_token_id(i) for i in eos)):
+            raise ValueError(f"config.json: eos_token_id={eos!r} must be a token id (an integer "
+                             ">= 0), a list of token ids, or null")
+        if not isinstance(self.torch_dtype, str):
+            raise ValueError(f"config.json: torch_dtype={self.torch_dtype!r} must be a dtype "
+                             'name such as "bfloat16"')
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -74,19 +115,29 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
-        archs = hf.get("architectures") or []
+        """The config from config.json's fields. A field that is missing or null takes its
+        default; a field of the wrong type or with a value apex_mini cannot run is a ValueError
+        that names it."""
+        def get(key: str, default=None):
+            value = hf.get(key)
+            return default if value is None else value
+
+        archs = get("architectures", [])
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ValueError(f"config.json: architectures={archs!r} must be a list of class "
+                             'names, such as ["LlamaForCausalLM"]')
         if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
             raise ValueError(
                 f"unsupported architecture {archs[0]!r} in config.json; apex_mini runs "
                 f"{', '.join(SUPPORTED_ARCHITECTURES)} checkpoints only"
             )
-        if not archs and hf.get("model_type", "llama") != "llama":
+        if not archs and get("model_type", "llama") != "llama":
             raise ValueError(
-                f"unsupported model_type {hf.get('model_type')!r} in config.json; apex_mini runs "
+                f"unsupported model_type {hf['model_type']!r} in config.json; apex_mini runs "
                 "LLaMA-family checkpoints only"
             )
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if k not in hf]
+                               "num_hidden_layers", "num_attention_heads") if hf.get(k) is None]
         if missing:
             raise ValueError(f"config.json lacks required fields: {', '.join(missing)}")
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -95,38 +146,30 @@ class ModelConfig:
             value = hf.get(k)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ValueError(f"config.json: {k}={value!r} must be a positive integer")
+        hidden_act = get("hidden_act", "silu")
+        if hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"config.json: hidden_act={hidden_act!r} is not supported; "
+                             'apex_mini\'s MLP implements SiLU only ("silu")')
         n_heads = hf["num_attention_heads"]
-        rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
-        rope_theta = hf.get("rope_theta")
-        if rope_scaling is not None:
-            rope_scaling = dict(rope_scaling)
-            rope_theta = rope_theta or rope_scaling.get("rope_theta")
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise ValueError(
-                    f"unsupported rope_scaling type {rope_type!r} in config.json; supported: "
-                    f"{', '.join(SUPPORTED_ROPE_TYPES)}"
-                )
-            if rope_type == "default":
-                rope_scaling = None
+        rope_scaling, rope_theta = _rope_fields(hf)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             intermediate_size=hf["intermediate_size"],
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=n_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or (hf["hidden_size"] // n_heads if n_heads else 0),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta or 10000.0),
+            num_key_value_heads=get("num_key_value_heads", n_heads),
+            head_dim=get("head_dim", hf["hidden_size"] // n_heads if n_heads else 0),
+            max_position_embeddings=get("max_position_embeddings", 4096),
+            rms_norm_eps=get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=get("tie_word_embeddings", False),
+            attention_bias=get("attention_bias", False),
+            mlp_bias=get("mlp_bias", False),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
-            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+            torch_dtype=get("torch_dtype") or get("dtype", "float32"),
         )
 
     @classmethod
@@ -154,6 +197,42 @@ class ModelConfig:
             raise ValueError(f"{str(cfg)!r} holds a JSON {type(hf).__name__}, not an object of "
                              "config fields; re-save the checkpoint")
         return cls.from_dict(hf)
+
+
+def _rope_fields(hf: dict[str, Any]) -> tuple[dict | None, Any]:
+    """(rope_scaling, rope_theta) from config.json, rope_scaling None for plain RoPE.
+    transformers v5 writes `rope_parameters` instead of `rope_scaling`, with rope_theta inside
+    it; a missing or null rope_theta is 10000."""
+    name = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    scaling = hf.get(name)
+    theta = hf.get("rope_theta")
+    if scaling is None:
+        return None, 10000.0 if theta is None else theta
+    if not isinstance(scaling, dict):
+        raise ValueError(f"config.json: {name}={scaling!r} must be an object such as "
+                         '{"rope_type": "linear", "factor": 2.0}, or null')
+    if theta is None:
+        theta = scaling.get("rope_theta")
+        theta = 10000.0 if theta is None else theta
+    rope_type = rope_type_of(scaling)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported {name} type {rope_type!r} in config.json; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    needed = ROPE_TYPE_FIELDS[rope_type]
+    missing = [key for key in needed if key not in scaling]
+    if missing:
+        raise ValueError(f"config.json: {name} of type {rope_type!r} lacks {', '.join(missing)}; "
+                         f"{rope_type} scaling needs {', '.join(needed)}")
+    for key in needed:
+        if not _is_positive_number(scaling[key]):
+            raise ValueError(f"config.json: {name}.{key}={scaling[key]!r} must be a JSON "
+                             "number > 0")
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"config.json: {name}.high_freq_factor={scaling['high_freq_factor']!r} "
+                         f"must be greater than low_freq_factor={scaling['low_freq_factor']!r}")
+    return (None if rope_type == "default" else dict(scaling)), theta
 
 
 def _check_type(name: str, value, annotation: str) -> None:
@@ -200,7 +279,9 @@ class EngineConfig:
     cpu_fraction: float = _flag(0.5, "static policy: share of running requests whose KV lives in "
                                 "host memory (0..1)")
     block_size: int = _flag(16, "tokens per KV-cache block")
-    gpu_kv_blocks: int | None = _flag(None, "device KV-cache blocks (default: sized from free memory)")
+    gpu_kv_blocks: int | None = _flag(None, "device KV-cache blocks (default: sized from free "
+                                      "GPU memory, or from a fixed 1 GiB when the device is the "
+                                      "CPU)")
     gpu_memory_gb: float | None = _flag(None, "cap on device memory for weights plus KV cache, in GiB, "
                                         "to emulate a smaller GPU (default: no cap)")
     cpu_kv_blocks: int | None = _flag(None, "host KV-cache blocks (default: from --cpu-kv-gb)")

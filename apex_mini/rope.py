@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, rope_type_of
 
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -43,7 +43,7 @@ def inv_freq_for(cfg: ModelConfig) -> torch.Tensor:
     scaling = cfg.rope_scaling
     if not scaling:
         return inv_freq
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_type = rope_type_of(scaling)     # config.py checked its fields
     if rope_type == "llama3":
         return llama3_inv_freq(inv_freq, scaling)
     if rope_type == "linear":

@@ -13,16 +13,27 @@ from typing import Iterable
 
 
 def _read_json(path: Path) -> dict:
+    """The JSON object in `path`, or {} when there is no such file."""
+    if not path.is_file():
+        return {}
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}); re-save the checkpoint") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object of "
+                         "fields; re-save the checkpoint")
+    return data
 
 
-def _as_ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else [int(v) for v in value]
+def _eos_ids(path: Path) -> list[int]:
+    """The eos_token_id of a JSON config file: one id, a list of ids, or none (absent or null)."""
+    value = _read_json(path).get("eos_token_id")
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{str(path)!r}: eos_token_id={value!r} must be a token id (an integer "
+                         ">= 0), a list of token ids, or null")
+    return ids
 
 
 def _token_text(value) -> str | None:
@@ -50,7 +61,7 @@ class Tokenizer:
         root = Path(model_dir)
         extra = list(eos_ids)
         for name in ("generation_config.json", "config.json"):
-            extra += _as_ids(_read_json(root / name).get("eos_token_id"))
+            extra += _eos_ids(root / name)
         spm_file, json_file = root / "tokenizer.model", root / "tokenizer.json"
         if spm_file.is_file():
             try:

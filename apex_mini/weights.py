@@ -95,17 +95,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """'auto' -> the checkpoint's dtype on CUDA and float32 on CPU (CPU half-precision matmuls
-    are slow and less exact). A bfloat16 checkpoint on a GPU without native bf16 (before
-    Ampere, e.g. the T4) runs in float16 instead."""
+    """'auto' -> the checkpoint's dtype (config.json's torch_dtype) on CUDA and float32 on CPU
+    (CPU half-precision matmuls are slow and less exact). A bfloat16 checkpoint on a GPU without
+    native bf16 (before Ampere, e.g. the T4) runs in float16 instead. 'auto' with a torch_dtype
+    other than float32, bfloat16 or float16 is an error on every device, never a guess: pass
+    the dtype to use."""
     key = name.strip().lower()
     if key == "auto":
+        checkpoint_dtype = _DTYPES.get(cfg.torch_dtype.strip().lower().removeprefix("torch."))
+        if checkpoint_dtype is None:
+            raise ValueError(f"config.json: torch_dtype={cfg.torch_dtype!r} is not float32, "
+                             "bfloat16 or float16, so dtype auto cannot follow it; pass --dtype "
+                             "float32, bfloat16 or float16")
         if torch.device(device).type != "cuda":
             return torch.float32
-        dtype = _DTYPES.get(cfg.torch_dtype.removeprefix("torch."), torch.float16)
-        if dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+        if checkpoint_dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
             return torch.float16
-        return dtype
+        return checkpoint_dtype
     if key not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[key]
@@ -197,6 +203,9 @@ def _read_header(path: Path) -> dict[str, tuple[list[int], int]]:
             itemsize = _ST_ITEMSIZE[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"bad header entry for {key!r}") from None
+        if not all(isinstance(n, int) and n >= 0 for n in (begin, end, *shape)):
+            raise _corrupt(path, f"tensor {key!r} has data_offsets {[begin, end]!r} and shape "
+                                 f"{shape!r}, which must hold integers >= 0")
         if end > data_bytes:
             raise _corrupt(path, f"tensor {key!r} ends at byte {end} of the data, but the file "
                                  f"holds only {data_bytes} bytes of data")

@@ -1,6 +1,7 @@
 """weights.py: loading on 'meta', every bad-input error, random models, device/dtype names."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -154,6 +155,20 @@ def test_header_that_safetensors_rejects(mha_copy):
         load_model(mha_copy, torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("offsets", [["0", "10"], [0, 1.5], [-4, 0]])
+def test_header_offsets_that_are_not_integers(mha_copy, offsets):
+    f = mha_copy / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["model.norm.weight"]["data_offsets"] = offsets
+    raw = json.dumps(header).encode()
+    f.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    with pytest.raises(ValueError, match="truncated or corrupt.*'model.norm.weight' has "
+                                         "data_offsets.*must hold integers >= 0"):
+        load_model(mha_copy, torch.float32, "cpu")
+
+
 @pytest.mark.parametrize("field,first_bad", [
     ("intermediate_size", "model.layers.0.mlp.gate_proj.weight has shape [128, 64] in the "
                           "checkpoint but config.json implies [256, 64]"),
@@ -286,6 +301,22 @@ def test_resolve_dtype_auto_is_fp32_on_cpu():
 def test_resolve_dtype_unknown():
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         resolve_dtype("int8", MODEL_SHAPES["tiny"], CPU)
+
+
+@pytest.mark.parametrize("device", [CPU, torch.device("cuda")])
+def test_resolve_dtype_auto_rejects_an_unknown_torch_dtype(device):
+    """Never a guess (it once became float16 on CUDA); the error names the field and the fix."""
+    cfg = dataclasses.replace(MODEL_SHAPES["tiny"], torch_dtype="float8")
+    with pytest.raises(ValueError, match="config.json: torch_dtype='float8' is not float32, "
+                                         "bfloat16 or float16.*pass --dtype"):
+        resolve_dtype("auto", cfg, device)
+    assert resolve_dtype("float16", cfg, device) == torch.float16
+
+
+def test_resolve_dtype_auto_follows_the_checkpoint_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    cfg = dataclasses.replace(MODEL_SHAPES["tiny"], torch_dtype="torch.bfloat16")
+    assert resolve_dtype("auto", cfg, torch.device("cuda")) == torch.bfloat16
 
 
 def test_resolve_device():
