@@ -32,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(usage())
         return 0
-    if not argv:                                      # a command is needed: usage, as an error
-        print(usage(), file=sys.stderr)
+    if not argv:                                      # a command is needed: one line, as an error
+        print(f"error: name a benchmark: one of {', '.join(COMMANDS)}; see --help", file=sys.stderr)
         return 2
     if argv[0] not in COMMANDS:
-        raise ValueError(f"unknown benchmark {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
+        raise ValueError(f"unknown benchmark {argv[0]!r}; choose one of {', '.join(COMMANDS)} "
+                         "(see --help)")
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:]) or 0
 

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import (add_model_flags, check_output_path, check_threads, run_cli, size_list,
-                  write_json)
+from .cli import (ArgumentParser, add_model_flags, check_output_path, check_threads, run_cli,
+                  size_list, write_json)
 from .config import EngineConfig, ModelConfig
 from .engine import Engine
 from .metrics import machine_info
@@ -43,24 +43,34 @@ from .sampling import SamplingParams
 from .weights import model_for, resolve_device
 
 BIG_SHAPES = ("llama2-7b", "llama2-13b", "llama3.1-8b")    # transformers on CPU: only if asked
+# What --batches, --new-tokens and --repeats take when not given: a full run, or a --quick one.
+DEFAULTS = {"batches": "1,8,16,32,64", "new_tokens": 64, "repeats": 3}
+QUICK = {"batches": "1,8", "new_tokens": 16, "repeats": 1}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apex_mini.bench decode",
-                                description="Decode tok/s and GB/s vs the roofline and transformers.")
+    p = ArgumentParser(prog="python -m apex_mini.bench decode",
+                       description="Decode tok/s and GB/s vs the roofline and transformers.")
     add_model_flags(p)
-    p.add_argument("--batches", default="1,8,16,32,64", help="decode batch sizes, comma-separated")
+    # None: not given, so --quick may choose (see `resolve_quick`).
+    p.add_argument("--batches", default=None, help="decode batch sizes, comma-separated (default: "
+                   f"{DEFAULTS['batches']}; with --quick {QUICK['batches']})")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt tokens per request (>= 1; "
-                   "with --new-tokens, within the model's context)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (N, "
-                   ">= 2)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median, >= 1)")
+                   "with --new-tokens, within the model's context; default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request (N, "
+                   f">= 2; default: {DEFAULTS['new_tokens']}; with --quick {QUICK['new_tokens']})")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median, >= 1; "
+                   f"default: {DEFAULTS['repeats']}; with --quick {QUICK['repeats']})")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads for both sides, >= 1 (default: torch's own choice)")
-    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
-    p.add_argument("--hf", action="store_true", help="run transformers even for 7B+ shapes on CPU")
-    p.add_argument("--json", default=None, help="write {'rows': [...], ...} to this path")
-    p.add_argument("--quick", action="store_true", help="batches 1,8, 16 new tokens, 1 repeat")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate (default: "
+                   "run it, except for 7B+ shapes on CPU)")
+    p.add_argument("--hf", action="store_true", help="run transformers even for 7B+ shapes on CPU "
+                   "(default: off)")
+    p.add_argument("--json", default=None, help="write {'rows': [...], ...} to this path "
+                   "(default: none)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: batches 1,8, 16 new tokens, "
+                   "1 repeat, for those of the three flags not given (default: off)")
     EngineConfig.add_cli_flags(p, skip=("policy",))
     return p
 
@@ -238,10 +248,34 @@ def check_context(args, cfg: EngineConfig) -> None:
                          "lower --prompt-len or --new-tokens")
 
 
+def resolve_quick(args) -> None:
+    """--batches, --new-tokens and --repeats not given take the --quick or the full run's value;
+    those given are kept, and checked like any other."""
+    for name, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def check_batches_run_whole(batches: list[int], cfg: EngineConfig, prompt_len: int,
+                            new_tokens: int) -> None:
+    """Each batch must run as one: all its requests admitted together (--max-num-seqs) and their
+    KV kept to the last token (--gpu-kv-blocks), else its row would time smaller batches."""
+    biggest = max(batches)
+    if biggest > cfg.max_num_seqs:
+        raise ValueError(f"--batches {biggest} is more than --max-num-seqs {cfg.max_num_seqs} "
+                         "requests running at once; raise --max-num-seqs or lower --batches")
+    if cfg.gpu_kv_blocks is not None:
+        per_request = -(-(prompt_len + new_tokens - 1) // cfg.block_size)   # the last token: no KV
+        if biggest * per_request > cfg.gpu_kv_blocks:
+            raise ValueError(f"batch {biggest} needs {biggest * per_request} KV blocks "
+                             f"({per_request} per request) but --gpu-kv-blocks is "
+                             f"{cfg.gpu_kv_blocks}; raise --gpu-kv-blocks (or leave it out), or "
+                             "lower --batches, --prompt-len or --new-tokens")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quick:
-        args.batches, args.new_tokens, args.repeats = "1,8", min(args.new_tokens, 16), 1
+    resolve_quick(args)
     batches = size_list(args.batches, "--batches")
     # Every input is checked here, before a model is loaded or anything is timed.
     if args.prompt_len < 1 or args.new_tokens < 2:
@@ -250,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     check_threads(args.torch_threads, "--torch-threads")
     check_output_path(args.json, "--json")
-    check_context(args, EngineConfig.from_cli(args))
+    cfg = EngineConfig.from_cli(args)
+    check_context(args, cfg)
+    check_batches_run_whole(batches, cfg, args.prompt_len, args.new_tokens)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     # Here --device auto means every device: the CPU, and CUDA when present.

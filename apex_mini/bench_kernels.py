@@ -44,7 +44,8 @@ import torch
 
 from . import cpu_attention as ca
 from .bench_decode import copy_bandwidth_gbps
-from .cli import check_output_path, check_threads, run_cli, size_list, write_json
+from .cli import (ArgumentParser, check_output_path, check_threads, run_cli, size_list,
+                  write_json)
 from .cpu_worker import CPUAttentionWorker
 from .metrics import machine_info
 from .packed_linear import available_memory_bytes
@@ -85,24 +86,29 @@ KERNELS = {"compiled": ca.attend_fused, "eager": ca.attend_eager, "read": paged_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apex_mini.bench kernels",
-                                description="CPU attention bandwidth vs memory-copy bandwidth.")
+    p = ArgumentParser(prog="python -m apex_mini.bench kernels",
+                       description="CPU attention bandwidth vs memory-copy bandwidth.")
     p.add_argument("--shape", choices=MODEL_SHAPES, default="llama3.1-8b",
                    help="the model whose attention heads to use (default: llama3.1-8b)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                    help="KV cache and query dtype (default: bfloat16)")
     p.add_argument("--contexts", default="512,1024,2048,4096,8192",
-                   help="tokens of context per sequence, comma-separated")
-    p.add_argument("--batches", default="1,8,16,32", help="sequences per call, comma-separated")
+                   help="tokens of context per sequence, comma-separated (default: %(default)s)")
+    p.add_argument("--batches", default="1,8,16,32",
+                   help="sequences per call, comma-separated (default: %(default)s)")
     p.add_argument("--modes", default="compiled,eager,read",
                    help="what to time, comma-separated: compiled, eager (the kernels), read (the "
-                        "same blocks read with no attention: the access pattern's ceiling)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+                        "same blocks read with no attention: the access pattern's ceiling; "
+                        "default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="tokens per KV block (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the kernel, >= 1 (default: torch's own choice)")
     p.add_argument("--quick", action="store_true",
-                   help="contexts 512,1024, batches 1,8, the tiny shape, a small pool: a smoke run")
-    p.add_argument("--json", default=None, help="write {'copy_gbps': ..., 'rows': [...]} here")
+                   help="contexts 512,1024, batches 1,8, the tiny shape, a small pool: a smoke run "
+                        "(default: off)")
+    p.add_argument("--json", default=None, help="write {'copy_gbps': ..., 'rows': [...]} here "
+                   "(default: none)")
     return p
 
 

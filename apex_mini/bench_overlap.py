@@ -33,7 +33,8 @@ import time
 import torch
 
 from .bench_serve import build_model
-from .cli import add_model_flags, check_number, check_output_path, run_cli, write_json
+from .cli import (ArgumentParser, add_model_flags, check_number, check_output_path, run_cli,
+                  write_json)
 from .config import EngineConfig
 from .cpu_attention import host_kernel
 from .engine import Engine
@@ -44,16 +45,17 @@ WARM_STEPS = 3          # decode steps run before recording (the first ones comp
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apex_mini.bench overlap",
-                                description="Record when CPU attention and device attention run, "
-                                            "per layer, in decode steps with host rows.")
+    p = ArgumentParser(prog="python -m apex_mini.bench overlap",
+                       description="Record when CPU attention and device attention run, "
+                                   "per layer, in decode steps with host rows.")
     add_model_flags(p)
     p.add_argument("--num-requests", type=int, default=8,
                    help="requests decoding together, >= 2 (default 8)")
     p.add_argument("--prompt-len", type=int, default=256,
                    help="tokens per prompt (random ids), >= 1 (default 256)")
     p.add_argument("--steps", type=int, default=5, help="decode steps to record, >= 1 (default 5)")
-    p.add_argument("--json", default=None, help="write the summary and every step's stamps here")
+    p.add_argument("--json", default=None, help="write the summary and every step's stamps here "
+                   "(default: none)")
     EngineConfig.add_cli_flags(p, skip=("policy",))
     return p
 
@@ -91,7 +93,8 @@ def summarize(timelines: list[list]) -> dict:
     layers = [layer_figures(ev) for ev in events if "cpu_start" in ev]
     if not layers:
         raise ValueError("no recorded layer ran host attention: the steps had no host rows "
-                         "(raise --cpu-fraction, or --num-requests)")
+                         "(raise --cpu-fraction, --max-num-seqs, or --cpu-kv-blocks / "
+                         "--cpu-kv-gb)")
     total = {k: sum(f[k] for f in layers) for k in layers[0]}
     on_gpu = any("gpu_dev_start" in ev for ev in events)
     return {"layers": len(layers), "device_clock": "gpu" if on_gpu else "host",
@@ -149,9 +152,23 @@ def record(engine: Engine, num_requests: int, prompt_len: int, steps: int, seed:
     return recorded
 
 
+def check_host_rows(cfg: EngineConfig, request_tokens: int) -> None:
+    """The static policy must be able to put requests in the host tier while others decode on
+    the device, else no step has host rows to record."""
+    if cfg.cpu_fraction == 0:
+        raise ValueError("--cpu-fraction 0 puts no request in the host tier: nothing to overlap")
+    if cfg.max_num_seqs < 2:
+        raise ValueError(f"--max-num-seqs {cfg.max_num_seqs} runs one request at a time, never one "
+                         "on each tier; give at least 2")
+    per_request = -(-(request_tokens - 1) // cfg.block_size)      # the last token: no KV
+    if cfg.cpu_kv_blocks is not None and cfg.cpu_kv_blocks < per_request:
+        raise ValueError(f"--cpu-kv-blocks {cfg.cpu_kv_blocks} cannot hold one request's KV "
+                         f"({per_request} blocks of --prompt-len and the decode steps), so none "
+                         "would run on the host; raise --cpu-kv-blocks or lower --prompt-len")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_number(args.num_requests, "--num-requests", positive=True, whole=True)
     if args.num_requests < 2:
         raise ValueError(f"--num-requests must be at least 2 (one on each tier), got "
                          f"{args.num_requests}")
@@ -159,11 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     check_number(args.steps, "--steps", positive=True, whole=True)
     check_output_path(args.json, "--json")
     cfg = dataclasses.replace(EngineConfig.from_cli(args), policy="static")
-    if cfg.cpu_fraction == 0:
-        raise ValueError("--cpu-fraction 0 puts no request in the host tier: nothing to overlap")
-    model, mc, model_info = build_model(args, cfg)
     need = args.prompt_len + tokens_per_request(args.num_requests, args.prompt_len, args.steps,
                                                 cfg.max_num_batched_tokens)
+    check_host_rows(cfg, need)
+    if cfg.max_model_len is not None and need > cfg.max_model_len:
+        raise ValueError(f"--prompt-len {args.prompt_len} and the decode steps need {need} "
+                         f"tokens, past --max-model-len {cfg.max_model_len}; lower --prompt-len "
+                         "or raise --max-model-len")
+    model, mc, model_info = build_model(args, cfg)
     if need > mc.max_position_embeddings:
         raise ValueError(f"--prompt-len {args.prompt_len} and the decode steps need {need} "
                          f"tokens, past the model's context of {mc.max_position_embeddings}; "

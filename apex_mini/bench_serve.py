@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from . import metrics, workloads
-from .cli import add_model_flags, check_output_path, check_threads, policy_list, run_cli
+from .cli import (ArgumentParser, add_model_flags, check_output_path, check_threads,
+                  policy_list, run_cli)
 from .config import EngineConfig
 from .cpu_attention import host_kernel
 from .engine import Engine
@@ -40,13 +41,14 @@ WARMUP_REQUESTS = 2     # tiny requests run before timing, so compilation is not
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apex_mini.bench serve",
-                                description="Run one serving workload through every policy.")
+    p = ArgumentParser(prog="python -m apex_mini.bench serve",
+                       description="Run one serving workload through every policy.")
     add_model_flags(p)
     p.add_argument("--torch-threads", type=int, default=None, help="intra-op threads for torch, "
                    ">= 1 (default: torch's own choice); 1 avoids thread contention on a busy "
                    "machine")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up requests")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up requests "
+                   "(default: off)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per policy, the policies taking turns (gpu-only, static, ..., "
                         "gpu-only, ...); each row is the median run, x gpu-only the median of "

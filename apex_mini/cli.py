@@ -25,6 +25,15 @@ def run_cli(main: Callable[[], int]) -> int:
         return 130
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose own errors (an unknown flag, a bad choice, a word for a number)
+    are one line too: no usage block above them. Every tool's parser is one of these."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see --help", file=sys.stderr)
+        self.exit(2)
+
+
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--model DIR or --model-shape NAME (read by `weights.model_for`)."""
     from .weights import MODEL_SHAPES
@@ -32,7 +41,8 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", default=None,
                      help="model folder in Hugging Face layout (default: the shipped tiny model)")
     src.add_argument("--model-shape", choices=MODEL_SHAPES, default=None,
-                     help="random weights of a named shape instead of a checkpoint")
+                     help="random weights of a named shape instead of a checkpoint (default: none, "
+                     "the checkpoint)")
 
 
 def size_list(text: str, flag: str) -> list[int]:

@@ -313,7 +313,8 @@ class EngineConfig:
                                      "recent measured iterations (apex, neo)")
     max_records: int = _flag(100_000, "iteration records the engine keeps for reports; when "
                              "full, the older half is dropped (memory stays bounded)")
-    profile_path: str | None = _flag(None, "profile JSON for the predictor: used if it was "
+    profile_path: str | None = _flag(None, "profile JSON for the predictor of the apex and neo "
+                                     "policies (the others have none): used if it was "
                                      "measured for this model, machine and options (else an "
                                      "error: it is never overwritten), measured and saved there "
                                      "if it does not exist (default: a cached profile for this "

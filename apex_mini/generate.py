@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli
 from .config import DEFAULT_MODEL_DIR, EngineConfig
 from .llm import LLM
 from .sampling import SamplingParams
@@ -21,14 +21,14 @@ DEFAULT_PROMPT = "Once upon a time"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apex_mini.generate",
-                                description="Generate text with a LLaMA checkpoint.")
+    p = ArgumentParser(prog="python -m apex_mini.generate",
+                       description="Generate text with a LLaMA checkpoint.")
     p.add_argument("--model", default=DEFAULT_MODEL_DIR,
                    help="model folder in Hugging Face layout (default: the shipped tiny model)")
     p.add_argument("--prompt", action="append", default=None,
                    help=f"a prompt; repeat for several (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--prompts-file", default=None, help="a UTF-8 text file with one prompt per "
-                   "line (blank lines skipped)")
+                   "line (blank lines skipped; default: none)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="tokens to generate per prompt (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8,
@@ -37,8 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus sampling mass, in (0, 1] (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=0,
                    help="keep the k most likely tokens; 0 = off (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    # The requests' seed. The engine's own --seed (the one unseeded requests derive theirs
+    # from) is deliberately not a flag here: two flags of one name would be a puzzle.
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for sampling, the same for every prompt (default: a fixed seed per "
+                        "prompt, so runs repeat: give one to vary the text; the engine's own "
+                        "--seed, which fixes those, stays at its default)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence "
+                   "(default: off)")
     EngineConfig.add_cli_flags(p, skip=("seed",))
     return p
 

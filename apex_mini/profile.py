@@ -19,33 +19,38 @@ import datetime
 import random
 import sys
 
-from .cli import add_model_flags, check_output_path, run_cli, write_json
+from .cli import ArgumentParser, add_model_flags, check_output_path, run_cli, write_json
 from .config import EngineConfig
 
 REPORT_RUNS = ("apex", "gpu-only", "overlap", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apex_mini.profile",
-                                description="Time the pieces of an iteration on this machine and "
-                                            "save the table the predictor reads.")
+    p = ArgumentParser(prog="python -m apex_mini.profile",
+                       description="Time the pieces of an iteration on this machine and "
+                                   "save the table the predictor reads.")
     add_model_flags(p)
     p.add_argument("--out", default=None,
                    help="also write the profile JSON here (it is always saved to the cache the "
-                        "engine reads: $APEX_MINI_CACHE/profiles or ~/.cache/apex_mini/profiles)")
+                        "engine reads: $APEX_MINI_CACHE/profiles or ~/.cache/apex_mini/profiles; "
+                        "default: none)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller grid with fewer repeats (what the engine uses when it has to "
-                        "profile on its own)")
+                        "profile on its own; default: off)")
     p.add_argument("--reuse", action="store_true",
-                   help="use the cached profile when it is current instead of measuring again")
+                   help="use the cached profile when it is current instead of measuring again "
+                        "(default: off)")
     p.add_argument("--report", action="store_true",
                    help="run a short mixed workload under every strategy and report the "
-                        "predictor's error against measured iteration times")
-    p.add_argument("--json", default=None, help="write the --report results here as JSON")
-    p.add_argument("--requests", type=int, default=16, help="--report: requests per run")
+                        "predictor's error against measured iteration times (default: off)")
+    p.add_argument("--json", default=None, help="write the --report results here as JSON "
+                   "(default: none)")
+    p.add_argument("--requests", type=int, default=16,
+                   help="--report: requests per run (default: %(default)s)")
     p.add_argument("--show", type=int, default=8,
-                   help="--report: print this many of apex's scheduling decisions (>= 0; 0: none)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+                   help="--report: print this many of apex's scheduling decisions (>= 0; 0: none; "
+                        "default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: off)")
     EngineConfig.add_cli_flags(p, skip=("policy", "profile_path", "seed", "cpu_fraction"))
     return p
 

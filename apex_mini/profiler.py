@@ -122,10 +122,12 @@ def load_profile(path: str | Path, key: dict) -> tuple[Profile | None, str]:
         return None, f"no profile at {path}"
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"profile {path} is unreadable ({e})"
+    except OSError as e:
+        return None, f"profile file {path} cannot be read ({e.strerror})"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"profile file {path} is not a profile JSON ({e})"
     if not isinstance(data, dict):
-        return None, f"profile {path} holds a JSON {type(data).__name__}, not a profile"
+        return None, f"profile file {path} holds a JSON {type(data).__name__}, not a profile"
     if data.get("version") != PROFILE_VERSION:
         return None, f"profile {path} has version {data.get('version')}, expected {PROFILE_VERSION}"
     if data.get("key") != key:
@@ -487,6 +489,15 @@ def profile_engine(engine, grid: Grid = QUICK, progress: bool = True) -> Profile
     return profile
 
 
+def is_a_profile(path: Path) -> bool:
+    """Does `path` hold a profile, of any version or key (and not some other file)?"""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "version" in data and "key" in data
+
+
 def predictor_for_engine(engine, grid: Grid = QUICK, progress: bool = True) -> Predictor:
     """The engine's predictor: the cached profile for this model and machine if it is current,
     else a fresh one (measured now and saved)."""
@@ -494,10 +505,15 @@ def predictor_for_engine(engine, grid: Grid = QUICK, progress: bool = True) -> P
     given = engine.cfg.profile_path
     path = Path(given) if given else cache_path(key)
     profile, why = load_profile(path, key)
+    if profile is None and given and path.is_dir():
+        raise ValueError(f"--profile-path {given} is a folder; give a file path (a profile is "
+                         "measured and saved there if there is none)")
     if profile is None and given and path.exists():
-        # A file the user named is theirs: never replaced behind their back.
-        raise ValueError(f"--profile-path: {why}; delete it or name another file (a new "
-                         "profile is then measured and saved there)")
+        # A file the user named is theirs: never replaced behind their back. Only an old
+        # profile is worth deleting; any other file was named by mistake.
+        fix = "delete it or name another file" if is_a_profile(path) else "name another file"
+        raise ValueError(f"--profile-path: {why}; {fix} (a new profile is then measured and "
+                         "saved there)")
     if profile is None:
         check_output_path(str(path), "--profile-path")     # before minutes of profiling
         if progress:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from . import metrics, workloads
-from .cli import (check_input_file, check_number, check_output_path, policy_list, read_json_arg,
-                  run_cli)
+from .cli import (ArgumentParser, check_input_file, check_number, check_output_path,
+                  policy_list, read_json_arg, run_cli)
 from .config import EngineConfig, ModelConfig
 from .cost_tables import BatchShape, Profile
 from .hardware import (GPUS, HOSTS, Hardware, analytic_profile, kv_capacity_tokens, load_hardware,
@@ -73,9 +73,16 @@ def build_machine(mc: ModelConfig, cfg: EngineConfig, itemsize: int, hw: Hardwar
     if hw is not None:
         dev_tokens, host_tokens = kv_capacity_tokens(hw, mc, itemsize)
         if dev_tokens < bs and not cfg.gpu_kv_blocks:
-            raise ValueError(f"{model_name or 'the model'} does not fit on {hw.gpu.name}: weights "
-                             f"take {weight_bytes(mc, itemsize) / 1e9:.2f} GB of "
-                             f"{hw.gpu.memory_gb} GB, with {hw.reserve_gb} GB reserved")
+            name, weights = model_name or "the model", weight_bytes(mc, itemsize) / 1e9
+            room = hw.gpu.memory_gb - weights - hw.reserve_gb
+            if room <= 0:
+                raise ValueError(f"{name} does not fit on {hw.gpu.name}: weights take "
+                                 f"{weights:.2f} GB of {hw.gpu.memory_gb} GB, with "
+                                 f"{hw.reserve_gb} GB reserved")
+            block_gb = mc.kv_bytes_per_token(itemsize) * bs / 1e9
+            raise ValueError(f"one KV block of --block-size {bs} tokens takes {block_gb:.2f} GB "
+                             f"but {name} on {hw.gpu.name} leaves {room:.2f} GB for the KV cache "
+                             "(after its weights and the reserve); lower --block-size")
         profile = profile or analytic_profile(hw, mc, itemsize, model_name, bs)
         description = {"name": hw.name, **hw.to_dict()}
     else:
@@ -189,12 +196,12 @@ def model_from_key(key: dict) -> tuple[ModelConfig, str]:
 
 
 def resolve_hardware(args) -> Hardware:
-    if args.gpu == "custom" or args.hardware:
-        if not args.hardware:
-            raise ValueError("--gpu custom needs --hardware FILE.json")
+    if args.hardware:
         hw = load_hardware(args.hardware)
+    elif args.gpu == "custom":
+        raise ValueError("--gpu custom needs --hardware FILE.json")
     else:
-        hw = Hardware(GPUS[args.gpu], HOSTS[args.cpu])
+        hw = Hardware(GPUS[args.gpu or "t4"], HOSTS[args.cpu or "server-ddr4"])
     host = {k: v for k, v in (("mem_bw_gbps", args.cpu_mem_gbps), ("cores", args.cpu_cores),
                               ("kv_memory_gb", args.host_kv_gb)) if v is not None}
     gpu = {"memory_gb": args.device_memory_gb} if args.device_memory_gb is not None else {}
@@ -257,13 +264,19 @@ def check_trace_arg(args) -> None:
 
 
 def check_flags(args) -> None:
-    """The simulator's own figures (the engine options are EngineConfig's to check)."""
+    """The simulator's own figures and machine (the engine options are EngineConfig's to
+    check)."""
     check_number(args.cpu_mem_gbps, "--cpu-mem-gbps", positive=True)
     check_number(args.cpu_cores, "--cpu-cores", positive=True, whole=True)
     check_number(args.host_kv_gb, "--cpu-kv-gb", positive=True)
     check_number(args.device_memory_gb, "--gpu-memory-gb", positive=True)
     check_number(args.overhead_ms, "--overhead-ms", positive=False)
     check_number(args.noise, "--noise", positive=False)
+    for flag, preset in (("--gpu", args.gpu), ("--cpu", args.cpu)):
+        if args.hardware and preset not in (None, "custom"):
+            raise ValueError(f"{flag} {preset} and --hardware {args.hardware} both describe the "
+                             f"machine; drop {flag} (the file describes GPU and host) or "
+                             "--hardware")
 
 
 def check_requests_fit(specs: list[workloads.RequestSpec], policies: list[str], machine: Machine,
@@ -282,36 +295,42 @@ def check_requests_fit(specs: list[workloads.RequestSpec], policies: list[str], 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m apex_mini.simulate",
-                                description="\n\n".join(__doc__.split("\n\n")[:2]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", default="t4", choices=(*GPUS, "custom"),
-                   help="GPU preset (default: t4); custom reads --hardware")
+    p = ArgumentParser(prog="python -m apex_mini.simulate",
+                       description="\n\n".join(__doc__.split("\n\n")[:2]),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", choices=(*GPUS, "custom"),
+                   help="GPU preset (default: t4, or custom with --hardware); custom reads "
+                   "--hardware")
     p.add_argument("--hardware", help="JSON (or YAML, with pyyaml) hardware description with the "
-                   "keys of hardware.Hardware, for --gpu custom")
-    p.add_argument("--cpu", default="server-ddr4", choices=HOSTS,
-                   help="host preset (default: server-ddr4)")
+                   "keys of hardware.Hardware, GPU and host both: --gpu custom (default: none, "
+                   "the presets)")
+    p.add_argument("--cpu", choices=HOSTS,
+                   help="host preset (default: server-ddr4; with --hardware, the file's host)")
     p.add_argument("--cpu-mem-gbps", type=float, help="override the host's memory bandwidth, "
-                   "GB/s (> 0)")
-    p.add_argument("--cpu-cores", type=int, help="override the host cores running attention (>= 1)")
+                   "GB/s (> 0; default: the preset's)")
+    p.add_argument("--cpu-cores", type=int, help="override the host cores running attention (>= 1; "
+                   "default: the preset's)")
     # Their own dests: EngineConfig has fields of these names, which the simulator skips.
     p.add_argument("--cpu-kv-gb", dest="host_kv_gb", metavar="CPU_KV_GB", type=float,
                    help="override host memory for the KV cache, GB (> 0; the host policies need "
-                   "room for at least one block)")
+                   "room for at least one block; default: the preset's)")
     p.add_argument("--gpu-memory-gb", dest="device_memory_gb", metavar="GPU_MEMORY_GB",
-                   type=float, help="override the GPU's memory, GB (> 0)")
+                   type=float, help="override the GPU's memory, GB (> 0; default: the "
+                   "preset's)")
     p.add_argument("--overhead-ms", type=float, help="override the per-iteration overhead, ms "
-                   "(>= 0; 0: none)")
+                   "(>= 0; 0: none; default: the preset's)")
     p.add_argument("--model", help="model shape name or checkpoint folder (default: llama2-7b, or "
                    "the shape in --calibrate-from's profile)")
     p.add_argument("--dtype", dest="sim_dtype", choices=ITEMSIZE, help="weight and KV dtype "
                    "(default: float16, or the profile's)")
     p.add_argument("--calibrate-from", help="a measured profile JSON: simulate with its tables "
-                   "instead of the analytic model (needs --gpu-kv-blocks and --cpu-kv-blocks)")
+                   "instead of the analytic model (needs --gpu-kv-blocks and --cpu-kv-blocks; "
+                   "default: none, the analytic model)")
     p.add_argument("--scheduler-time", action="store_true", help="add the scheduler's own wall "
-                   "time on this machine to each iteration (for validation against bench serve)")
+                   "time on this machine to each iteration (for validation against bench serve; "
+                   "default: off)")
     p.add_argument("--compare-to", help="a `bench serve` JSON of the same workload: print and "
-                   "record simulated vs measured throughput per policy")
+                   "record simulated vs measured throughput per policy (default: none)")
     p.add_argument("--noise", type=float, default=0.0, help="relative std-dev of a Gaussian term "
                    "on each iteration's time (>= 0; default: 0, no noise)")
     workloads.add_cli_flags(p, default_requests=200)

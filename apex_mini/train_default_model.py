@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cli import run_cli
+from .cli import ArgumentParser, run_cli
 from .config import DEFAULT_MODEL_DIR, ModelConfig
 from .model import LlamaForCausalLM
 from .stories import build_corpus
@@ -49,6 +49,7 @@ MIN_VOCAB_SIZE = 3 + 256 + 58
 # What a run writes into --out (the files it may overwrite).
 OUT_FILES = ("config.json", "generation_config.json", "tokenizer.model", "model.safetensors",
              "README.md")
+MODEL_CARD_TITLE = "# apex-tiny-llama"      # the first line of the README.md a run writes
 
 
 # ============================================================================ options
@@ -64,7 +65,8 @@ class TrainOptions:
     out: str = _opt(DEFAULT_MODEL_DIR, "output folder for the Hugging Face checkpoint. A full run "
                     "writes the shipped model folder by default (retraining the shipped model is "
                     "its purpose); --quick requires an explicit --out, so that it can never "
-                    "overwrite the shipped model")
+                    "overwrite the shipped model. A folder holding a README.md, config.json, ... "
+                    "of anything but a checkpoint this script wrote is refused, not overwritten")
     minutes: float = _opt(20.0, "wall-clock budget for the training loop, in minutes")
     max_steps: int = _opt(0, "stop after this many optimizer steps (0: only the time budget)")
     quick: bool = _opt(False, "tiny corpus, tiny model, a few seconds of training, for tests: "
@@ -102,11 +104,9 @@ class TrainOptions:
     @classmethod
     def parser(cls, given_only: bool = False) -> argparse.ArgumentParser:
         """One flag per field. given_only: parse to the flags actually typed, no defaults."""
-        # A short usage line: argparse repeats it above each of its own errors (a bad --amp).
-        p = argparse.ArgumentParser(prog="python -m apex_mini.train_default_model",
-                                    usage="%(prog)s [options]   (--help lists them)",
-                                    description=__doc__.split("\n\n")[0],
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p = ArgumentParser(prog="python -m apex_mini.train_default_model",
+                           description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             default = argparse.SUPPRESS if given_only else f.default
@@ -175,7 +175,8 @@ class TrainOptions:
 
 def check_out_folder(path: str) -> None:
     """Raise ValueError now, before the run, if the checkpoint folder `path` (made as needed)
-    could not be written at the end."""
+    could not be written at the end, or holds files a run would overwrite that are not a
+    checkpoint of this script (the shipped model's folder is one: retraining replaces it)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {path} is a file; give a folder")
@@ -188,6 +189,25 @@ def check_out_folder(path: str) -> None:
         (out / name).exists() and not os.access(out / name, os.W_OK) for name in OUT_FILES)
     if unwritable:
         raise ValueError(f"--out {path} cannot be written (permission denied); give another folder")
+    held = [name for name in OUT_FILES if (out / name).exists()]
+    if held and not holds_our_checkpoint(out):
+        raise ValueError(f"--out {path} holds {', '.join(held)}, which a run would overwrite, "
+                         "but no checkpoint this script wrote; give another folder (or delete "
+                         "those files yourself)")
+
+
+def holds_our_checkpoint(folder: Path) -> bool:
+    """Does `folder` hold a checkpoint as this script saves it, which a new run may replace:
+    model.safetensors, a config.json of model_type llama, and a README.md, if any, that is our
+    model card (a downloaded checkpoint's own README is not)?"""
+    readme = folder / "README.md"
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        card = readme.read_text(encoding="utf-8") if readme.exists() else MODEL_CARD_TITLE
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return ((folder / "model.safetensors").is_file() and isinstance(config, dict)
+            and config.get("model_type") == "llama" and card.startswith(MODEL_CARD_TITLE))
 
 
 def parse_options(argv: list[str]) -> TrainOptions:
@@ -430,7 +450,7 @@ def transformers_parity(out: Path, docs: list[list[int]]) -> float:
 def write_model_card(out: Path, report: dict) -> None:
     r = report
     parity = "not checked" if r["parity"] is None else f"{r['parity']:.1e}"
-    (out / "README.md").write_text(f"""# apex-tiny-llama
+    (out / "README.md").write_text(f"""{MODEL_CARD_TITLE}
 
 The default model of apex_mini: a {r['params'] / 1e6:.2f} M-parameter LLaMA that writes very
 simple children's stories. It exists so that the engine, its tests and its benchmarks have a

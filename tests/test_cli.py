@@ -11,7 +11,7 @@ import pytest
 
 from apex_mini import LLM, SamplingParams
 from apex_mini.cli import run_cli
-from apex_mini.generate import main
+from apex_mini.generate import build_parser, main
 
 
 def generate(argv, capsys):
@@ -178,3 +178,67 @@ def test_help_names_every_flag():
                  "--top-p", "--top-k", "--seed", "--device", "--dtype", "--policy",
                  "--gpu-kv-blocks", "--cpu-kv-blocks", "--cpu-fraction"):
         assert flag in proc.stdout
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--policy", "foo"], ("argument --policy: invalid choice: 'foo'", "'apex'")),
+    (["--dtype", "fp16"], ("argument --dtype: invalid choice: 'fp16'",)),
+    (["--max-new-tokens", "abc"], ("argument --max-new-tokens: invalid int value: 'abc'",)),
+    (["--no-such-flag"], ("unrecognized arguments: --no-such-flag",)),
+])
+def test_argparse_errors_are_one_line_too(argv, words, capsys):
+    """argparse's own errors: one line naming the flag and pointing at --help, no usage block."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and "usage:" not in err, err
+    assert lines[0].startswith("error: ") and lines[0].endswith("; see --help"), err
+    for word in words:
+        assert word in lines[0]
+
+
+def test_seed_help_tells_the_truth(mha_ckpt, capsys):
+    """--seed left out does not mean random: each prompt gets a fixed seed (from the engine's
+    seed), so two runs write the same text. The help says so, and that the engine's own --seed
+    is not a flag here."""
+    help_text = " ".join(build_parser().format_help().split())
+    assert "default: random" not in help_text
+    assert "so runs repeat" in help_text and "the engine's own --seed" in help_text
+    argv = ["--model", str(mha_ckpt), "--device", "cpu", "--prompt", "hello", "--max-new-tokens",
+            "8", "--temperature", "1.0", "--ignore-eos"]
+    first, second = (generate(argv, capsys)[1] for _ in range(2))
+    assert first == second
+    seeded = {generate(argv + ["--seed", seed], capsys)[1] for seed in ("1", "2", "3")}
+    assert seeded - {first}                          # a seed given varies the text
+
+
+@pytest.mark.parametrize("case, words, not_words", [
+    ("other-file", ("--profile-path: profile file", "README.md", "is not a profile JSON",
+                    "name another file"), ("delete",)),
+    ("folder", ("is a folder; give a file path",), ("delete", "no profile at")),
+    ("old-profile", ("has version", "delete it or name another file"), ()),
+])
+def test_profile_path_that_is_no_profile(case, words, not_words, mha_ckpt, tmp_path, capsys):
+    """--profile-path names the user's file: a file that is no profile at all is never called
+    theirs to delete, and a folder is called a folder."""
+    from apex_mini.cost_tables import PROFILE_VERSION
+    path = tmp_path / "README.md"
+    if case == "other-file":
+        path.write_text("# my project\n")
+    elif case == "folder":
+        path = tmp_path
+    else:
+        path = tmp_path / "old.json"
+        path.write_text(json.dumps({"key": {}, "version": PROFILE_VERSION - 1}))
+    code, out, err = generate(["--model", str(mha_ckpt), "--device", "cpu", "--policy", "apex",
+                               "--profile-path", str(path), "--max-new-tokens", "2"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for word in words:
+        assert word in lines[0], lines[0]
+    for word in not_words:
+        assert word not in lines[0], lines[0]
+    if case == "other-file":
+        assert path.read_text() == "# my project\n"

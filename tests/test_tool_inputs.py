@@ -1,4 +1,4 @@
-"""Bad input to `simulate`, `bench {kernels,decode,serve}` and `profile`: one line on stderr
+"""Bad input to `simulate`, `bench {kernels,decode,serve,overlap}` and `profile`: one line on stderr
 naming the flag, exit status 2, and nothing run first (stdout stays empty: no table, no header).
 Every case here fails fast, before a model is loaded or a point is timed, except the one serve
 capacity case, which builds the tiny model's engine (and still runs no request)."""
@@ -182,3 +182,116 @@ def test_kernels_memory_estimate_covers_the_pool():
 def test_profile_bad_input(argv, words, files, capsys):
     one_line_error(profile.main, files(["--model-shape", "tiny", "--device", "cpu"] + argv),
                    capsys, *words)
+
+
+# ------------------------------------------------------------------------------ argparse's own errors
+
+@pytest.mark.parametrize("main, argv, words", [
+    (simulate.main, ["--gpu", "v100"], ("argument --gpu: invalid choice: 'v100'",)),
+    (profile.main, ["--requests", "many"], ("argument --requests: invalid int value",)),
+    (bench.main, ["decode", "--repeats", "x"], ("argument --repeats",)),
+    (bench.main, ["kernels", "--dtype", "fp16"], ("argument --dtype: invalid choice",)),
+    (bench.main, ["serve", "--policies"], ("argument --policies: expected one argument",)),
+    (bench.main, ["overlap", "--steps", "1.5"], ("argument --steps: invalid int value",)),
+    (bench.main, ["serve", "--model", "m", "--model-shape", "tiny"], ("not allowed with",)),
+])
+def test_argparse_errors_are_one_line(main, argv, words, capsys):
+    """A bad choice, a word for a number, a missing value: one line, no usage block above it."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert exc.value.code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "usage:" not in err, err
+    assert lines[0].endswith("; see --help")
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_every_tool_parser_is_the_one_line_kind():
+    from apex_mini import bench_decode, bench_overlap, bench_serve, generate
+    from apex_mini.cli import ArgumentParser
+    from apex_mini.train_default_model import TrainOptions
+    for tool in (bench_decode, bench_kernels, bench_overlap, bench_serve, generate, profile,
+                 simulate):
+        assert isinstance(tool.build_parser(), ArgumentParser), tool.__name__
+    assert isinstance(TrainOptions.parser(), ArgumentParser)
+
+
+def test_bench_without_a_command_is_one_line(capsys):
+    assert bench.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [
+        "error: name a benchmark: one of kernels, decode, serve, overlap; see --help"]
+
+
+# ------------------------------------------------------------------------------ tool by tool
+
+@pytest.mark.parametrize("argv, words", [
+    # --quick fills only the flags not given: those given are kept, and checked
+    (["--quick", "--batches", "0"], ("--batches", ">= 1")),
+    (["--quick", "--repeats", "0"], ("--repeats must be at least 1",)),
+    (["--quick", "--new-tokens", "1"], ("--new-tokens >= 2",)),
+    (["--quick", "--prompt-len", "500", "--new-tokens", "20"], ("--prompt-len", "520")),
+    # a batch that could not run whole is refused, not reported
+    (["--batches", "1,8", "--max-num-seqs", "2"], ("--batches 8", "--max-num-seqs 2")),
+    (["--batches", "8", "--prompt-len", "64", "--new-tokens", "16", "--gpu-kv-blocks", "39"],
+     ("batch 8 needs 40 KV blocks", "--gpu-kv-blocks")),
+])
+def test_bench_decode_flags_quick_does_not_override(argv, words, files, capsys):
+    one_line_error(bench.main, files(DECODE + argv), capsys, *words)
+
+
+def test_bench_decode_quick_keeps_explicit_flags(monkeypatch, capsys):
+    """--quick --new-tokens 5 --batches 3 times batch 3 with 5 new tokens (not 1,8 and 16)."""
+    from apex_mini import bench_decode
+    seen = {}
+
+    def fake_bench_device(args, device, batches):
+        seen.update(batches=batches, new_tokens=args.new_tokens, repeats=args.repeats)
+        return []
+    monkeypatch.setattr(bench_decode, "bench_device", fake_bench_device)
+    assert bench.main(DECODE + ["--quick", "--new-tokens", "5", "--batches", "3"]) == 0
+    assert seen == {"batches": [3], "new_tokens": 5, "repeats": 1}
+    assert bench.main(DECODE + ["--quick"]) == 0
+    assert seen == {"batches": [1, 8], "new_tokens": 16, "repeats": 1}
+    assert bench.main(DECODE) == 0
+    assert seen == {"batches": [1, 8, 16, 32, 64], "new_tokens": 64, "repeats": 3}
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gpu", "a10", "--hardware", "{hw}"], ("--gpu a10", "--hardware", "drop --gpu")),
+    (["--cpu", "server-ddr5", "--hardware", "{hw}"], ("--cpu server-ddr5", "--hardware")),
+    (["--block-size", "100000"], ("one KV block", "--block-size 100000", "lower --block-size")),
+])
+def test_simulate_machine_conflicts_and_blocks(argv, words, files, tmp_path, capsys):
+    hw = tmp_path / "hw.json"
+    hw.write_text(json.dumps(Hardware(GPUS["t4"], HOSTS["server-ddr4"]).to_dict()))
+    line = one_line_error(simulate.main, [a.replace("{hw}", str(hw)) for a in SIM + argv],
+                          capsys, *words)
+    assert "does not fit" not in line
+
+
+def test_simulate_hardware_alone_is_custom(tmp_path, capsys):
+    """--hardware without --gpu reads the file, as --gpu custom --hardware does."""
+    hw = tmp_path / "hw.json"
+    hw.write_text(json.dumps(Hardware(GPUS["a10"], HOSTS["desktop-ddr4"]).to_dict()))
+    out = tmp_path / "sim.json"
+    assert simulate.main(SIM + ["--hardware", str(hw), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["hardware"]["gpu"]["name"] == "A10"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--num-requests", "0"], ("--num-requests must be at least 2",)),
+    (["--num-requests", "1"], ("--num-requests must be at least 2",)),
+    (["--max-num-seqs", "1"], ("--max-num-seqs 1", "at least 2")),
+    (["--cpu-kv-blocks", "1"], ("--cpu-kv-blocks 1", "raise --cpu-kv-blocks")),
+    (["--max-model-len", "16", "--prompt-len", "64"], ("--prompt-len 64", "--max-model-len 16")),
+])
+def test_bench_overlap_bad_input(argv, words, capsys, monkeypatch):
+    from apex_mini import bench_overlap
+    monkeypatch.setattr(bench_overlap, "build_model", lambda *a: pytest.fail("model built"))
+    one_line_error(bench.main, ["overlap", "--num-requests", "4", "--prompt-len", "20",
+                                "--steps", "2"] + argv, capsys, *words)

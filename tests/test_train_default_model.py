@@ -167,14 +167,52 @@ def test_out_must_be_a_writable_folder(case, train_cli, tmp_path):
     assert blocker.read_text() == "x"
 
 
+@pytest.mark.parametrize("case", ["readme", "config", "other-checkpoint"])
+def test_out_with_files_of_another_kind_is_refused(case, train_cli, tmp_path):
+    """A folder holding a README.md or config.json (or a checkpoint this script did not write,
+    with its own README) is refused, and nothing in it is touched."""
+    out = tmp_path / "project"
+    out.mkdir()
+    if case == "readme":
+        (out / "README.md").write_text("# my project\n")
+    elif case == "config":
+        (out / "config.json").write_text('{"name": "my app"}')
+    else:
+        (out / "config.json").write_text('{"model_type": "llama"}')
+        (out / "model.safetensors").write_bytes(b"weights")
+        (out / "README.md").write_text("---\nlicense: llama2\n---\n# Llama 2\n")
+    before = snapshot(out)
+    code, out_text, err = train_cli(["--quick", "--out", str(out)])
+    assert code == 2 and out_text == ""
+    line = one_error_line(err)
+    assert line.startswith(f"error: --out {out} holds ") and "give another folder" in line
+    assert snapshot(out) == before
+
+
+def test_out_may_be_a_checkpoint_this_script_wrote(train_cli, tmp_path):
+    """Retraining into a folder of ours (the shipped model's, or a scratch one) is allowed: the
+    checks pass and the run starts."""
+    from apex_mini.config import DEFAULT_MODEL_DIR
+    from apex_mini.train_default_model import check_out_folder
+
+    check_out_folder(DEFAULT_MODEL_DIR)                  # the default full run's --out
+    out = tmp_path / "ours"
+    out.mkdir()
+    for name in ("config.json", "README.md"):              # as a run writes them
+        (out / name).write_text((Path(DEFAULT_MODEL_DIR) / name).read_text())
+    (out / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(AssertionError, match="started before"):
+        train_cli(["--quick", "--out", str(out)])
+
+
 @pytest.mark.parametrize("flag, value", [("--amp", "yes"), ("--save-dtype", "float16")])
 def test_amp_and_save_dtype_are_choices(flag, value, train_cli, capsys):
     with pytest.raises(SystemExit) as exc:
         train_cli([flag, value])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2   # argparse: usage + error
-    assert f"argument {flag}: invalid choice: '{value}'" in err
+    line = one_error_line(err)                   # no usage block above it
+    assert f"argument {flag}: invalid choice: '{value}'" in line and line.endswith("see --help")
 
 
 def test_vocab_too_large_for_the_corpus_is_one_line(monkeypatch, tmp_path, capsys):
