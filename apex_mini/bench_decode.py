@@ -239,7 +239,7 @@ def check_context(args, cfg: EngineConfig) -> None:
         mc = ModelConfig.from_hf(args.model or DEFAULT_MODEL_DIR)
     else:
         return                                   # model_for says what is missing
-    context = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    context = cfg.context_length(mc)
     if args.prompt_len + args.new_tokens > context:
         limit = ("--max-model-len is" if context < mc.max_position_embeddings
                  else "the model's context is")

@@ -156,8 +156,7 @@ def serve(args, argv) -> int:
     specs = workloads.make_workload(args.workload, args.num_requests, args.rate, args.length_scale,
                                     cfg.seed, args.trace)
     model, mc, model_info = build_model(args, cfg)
-    workloads.check_fits(specs, min(cfg.max_model_len or mc.max_position_embeddings,
-                                    mc.max_position_embeddings))
+    workloads.check_fits(specs, cfg.context_length(mc))
     prompts = workloads.prompt_token_ids(specs, mc.vocab_size, cfg.seed)
     runs, predictor = {name: [] for name in policies}, None
     for _round in range(args.repeats):            # in turns: drift hits every policy alike

@@ -352,6 +352,16 @@ class EngineConfig:
         if self.latency_margin < 0:
             raise ValueError(f"latency_margin={self.latency_margin} must be >= 0")
 
+    def context_length(self, mc: ModelConfig) -> int:
+        """Longest prompt plus output: `max_model_len`, or the model's own context when unset. A
+        longer `max_model_len` than the model's positions is a ValueError, not a quiet cut."""
+        most = mc.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > most:
+            raise ValueError(f"--max-model-len {self.max_model_len} is longer than the model's "
+                             f"context ({most} tokens, max_position_embeddings in its "
+                             "config.json); lower it or leave it out")
+        return self.max_model_len or most
+
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
         names = {f.name for f in dataclasses.fields(cls)}

@@ -48,8 +48,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.tokenizer = tokenizer
-        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
-                                 mc.max_position_embeddings)
+        self.max_model_len = cfg.context_length(mc)
         self.policy_name = resolve_policy(cfg.policy, self.device)
         self.streams = Streams(self.device)
         self.reserve: dict[str, int] | None = None   # set where free memory sizes the pool

@@ -91,7 +91,7 @@ def run_report(model, cfg: EngineConfig, predictor, requests: int = 16, seed: in
     from tqdm import tqdm
     from .sampling import SamplingParams
     mc = model.config
-    max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    max_len = cfg.context_length(mc)
     jobs = workload(requests, mc.vocab_size, max_len, seed)
     if cfg.gpu_kv_blocks is None:      # room for about a third of the requests: the host tier works
         need = sum(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)

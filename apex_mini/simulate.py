@@ -68,7 +68,7 @@ def build_machine(mc: ModelConfig, cfg: EngineConfig, itemsize: int, hw: Hardwar
     Llama-2-7B fp16 with the default options), so that the published comparisons keep one
     stated assumption; pass --gpu-kv-blocks to simulate the engine's own sizing."""
     bs = cfg.block_size
-    max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    max_len = cfg.context_length(mc)
     most = cfg.max_num_seqs * -(-max_len // bs)
     if hw is not None:
         dev_tokens, host_tokens = kv_capacity_tokens(hw, mc, itemsize)

@@ -153,6 +153,9 @@ def test_bad_inputs_raise_value_error(mha_ckpt):
         llm.generate([[5], [6]], [GREEDY])
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM(mha_ckpt, device="cpu", no_such_option=1)
+    with pytest.raises(ValueError, match="--max-model-len 100000 is longer than the model's "
+                                         r"context \(256 tokens"):
+        LLM(mha_ckpt, device="cpu", max_model_len=100_000)
     # Requests added to the engine directly (arriving mid-run) get the same checks.
     for ids, match in (([], "empty"), ([5, 100000], "vocabulary"), ([5] * 300, "context")):
         with pytest.raises(ValueError, match=match):

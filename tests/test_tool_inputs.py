@@ -146,6 +146,7 @@ def test_bench_serve_bad_input(argv, words, files, capsys, monkeypatch):
     (["--prompt-len", "5000"], ("--prompt-len", "--new-tokens", "context is 512")),
     (["--prompt-len", "500", "--new-tokens", "20"], ("--prompt-len", "520")),
     (["--max-model-len", "32", "--prompt-len", "30", "--new-tokens", "4"], ("--max-model-len",)),
+    (["--max-model-len", "100000"], ("--max-model-len 100000 is longer than the model's context",)),
 ])
 def test_bench_decode_bad_input(argv, words, files, capsys):
     one_line_error(bench.main, files(DECODE + argv), capsys, *words)
