@@ -77,6 +77,7 @@ class BatchShape:
     n_cpu_decodes: int = 0
     cpu_decode_kv: int = 0                    # total KV tokens of host-resident decodes
     n_host_prefill_tokens: int = 0            # prefill rows whose KV goes to the host tier
+    host_prefill_prefix: int = 0              # cached tokens of those chunks, brought up per layer
     # Optional (0 = unknown): decode kernels read every row up to the longest context, and
     # swaps copy whole blocks.
     gpu_decode_max_kv: int = 0                # longest device-resident decode context
@@ -126,6 +127,7 @@ class BatchShape:
             n_cpu_decodes=len(plan.cpu_decodes),
             cpu_decode_kv=sum(s.num_computed + 1 for s in plan.cpu_decodes),
             n_host_prefill_tokens=sum(n for s, n in plan.prefills if s.tier == "cpu"),
+            host_prefill_prefix=sum(s.num_computed for s, _ in plan.prefills if s.tier == "cpu"),
             gpu_decode_max_kv=max((s.num_computed + 1 for s in plan.gpu_decodes), default=0),
             cpu_decode_max_kv=max((s.num_computed + 1 for s in plan.cpu_decodes), default=0),
             swap_out_blocks=sum(len(w.src_blocks) for w in plan.swaps if w.dst_tier == "cpu"),

@@ -224,6 +224,7 @@ class _Search:
             prefill_outputs=b.num_prefill_outputs + hp.num_prefill_outputs,
             prefill_credit=b.num_prefill_credit + hp.num_prefill_credit,
             n_host_prefill_tokens=hp.n_host_prefill_tokens,
+            host_prefill_prefix=hp.host_prefill_prefix,
             n_cpu_decodes=k, cpu_decode_kv=self.kv[k], cpu_decode_max_kv=self.longest[k])
 
     def run(self, sizes) -> None:

@@ -194,6 +194,15 @@ class Predictor:
         up = interp1(self.tables.h2d, n_cpu * row * self.up_share) if n_cpu else 0.0
         return down, job, up
 
+    def _prefix_up(self, shape: BatchShape) -> float:
+        """Per layer: a host-tier prefill chunk after the first attends on the device to its
+        cached prefix, whose K and V the main thread copies up from the host pool first
+        (`runner._prior_kv`; the gather on the host before it is not priced)."""
+        if self.on_cpu or not shape.host_prefill_prefix:
+            return 0.0
+        kv_row = self.tables.bytes_per_token_row * (1.0 - self.up_share)     # k + v bytes
+        return interp1(self.tables.h2d, shape.host_prefill_prefix * kv_row)
+
     def _per_iteration(self, shape: BatchShape, split: int = 0) -> dict[str, float]:
         """LM head, overhead and swaps. A pipelined iteration (`split` = rows of sub-batch B)
         builds, embeds and runs the LM head for each sub-batch: its fixed cost counts twice."""
@@ -282,14 +291,15 @@ class Predictor:
         ckv = self._decode_kv(shape.n_cpu_decodes, shape.cpu_decode_kv, shape.cpu_decode_max_kv,
                               device=False)
         down, host, up = self._host(shape.n_cpu_decodes, ckv, shape.n_host_prefill_tokens)
-        dev, side = prefill + gatt, down + host + up
+        prefix_up = self._prefix_up(shape)
+        dev, side = prefill + gatt + prefix_up, down + host + up
         if self.on_cpu:
             layer = lin + dev + side
         else:
             layer = lin + max(dev, side)
         return {"layers_s": L * layer, "linear_s": L * lin, "prefill_attn_s": L * prefill,
                 "gpu_decode_attn_s": L * gatt, "cpu_decode_attn_s": L * host,
-                "xfer_s": L * (down + up)}
+                "xfer_s": L * (down + up + prefix_up)}
 
     def _pipeline(self, shape: BatchShape) -> dict[str, float]:
         """Replay the runner's pipelined loop: per layer start A, finish B (previous layer),
@@ -303,8 +313,9 @@ class Predictor:
         lin_a = interp1(self.tables.linear, sum(shape.prefill_tokens) + shape.n_gpu_decodes + half)
         lin_b = interp1(self.tables.linear, n_b)
         gkv = self._decode_kv(shape.n_gpu_decodes, shape.gpu_decode_kv, shape.gpu_decode_max_kv)
-        dev_a = self._prefill_attn(shape) + (self.gpu_attn(shape.n_gpu_decodes, gkv)
-                                             if shape.n_gpu_decodes else 0.0)
+        prefix_up = self._prefix_up(shape)                     # prefills are in A
+        dev_a = self._prefill_attn(shape) + prefix_up + (self.gpu_attn(shape.n_gpu_decodes, gkv)
+                                                         if shape.n_gpu_decodes else 0.0)
         host_a = self._host(half, kv_a, shape.n_host_prefill_tokens)
         host_b = self._host(n_b, kv_b, 0)
         pre, post = self.pre_share, 1.0 - self.pre_share
@@ -316,9 +327,9 @@ class Predictor:
                                pre * lin_b, post * lin_b, host_b)
         return {"layers_s": layers_s, "linear_s": L * (lin_a + lin_b),
                 "prefill_attn_s": L * self._prefill_attn(shape),
-                "gpu_decode_attn_s": L * (dev_a - self._prefill_attn(shape)),
+                "gpu_decode_attn_s": L * (dev_a - self._prefill_attn(shape) - prefix_up),
                 "cpu_decode_attn_s": L * (host_a[1] + host_b[1]),
-                "xfer_s": L * (host_a[0] + host_a[2] + host_b[0] + host_b[2])}
+                "xfer_s": L * (host_a[0] + host_a[2] + host_b[0] + host_b[2] + prefix_up)}
 
     # ---------------------------------------------------------------- accuracy
 

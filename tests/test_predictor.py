@@ -4,6 +4,8 @@ machine (a quick profile of the tiny shape and the profile CLI's report; accurac
 not asserted)."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import random
 import types
@@ -252,6 +254,23 @@ def test_host_prefill_rows_send_only_their_k_and_v_down():
     shape = BatchShape(prefill_tokens=(10,), n_host_prefill_tokens=10)
     assert pred.breakdown(shape, Strategy.OVERLAP)["xfer_s"] == pytest.approx(
         4 * interp1(p.d2h, 10 * p.bytes_per_token_row * 4 / 12))
+
+
+def test_a_host_chunk_pays_for_bringing_its_cached_prefix_up():
+    """A host-tier chunk after the first attends on the device to its cached prefix, copied up
+    from the host pool every layer: its K and V bytes (4 of a row's 12 head-rows here) at the
+    h2d table's speed, on the device's side of the overlap, and not at all on a CPU."""
+    model = {"num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64}
+    p = sample_profile(key={"device": "cuda", "block_size": 16, "model": model})
+    first = BatchShape(prefill_tokens=(64,), prefill_context=(64,), n_host_prefill_tokens=64)
+    later = dataclasses.replace(first, prefill_context=(1064,), host_prefill_prefix=1000)
+    up = interp1(p.h2d, 1000 * p.bytes_per_token_row * 4 / 12)
+    for strategy in (Strategy.OVERLAP, Strategy.PIPELINE):
+        a, b = (Predictor(p).breakdown(s, strategy) for s in (first, later))
+        assert b["xfer_s"] - a["xfer_s"] == pytest.approx(4 * up)
+        assert b["total_s"] > a["total_s"]
+    on_cpu = Predictor(sample_profile(key={"device": "cpu", "block_size": 16, "model": model}))
+    assert on_cpu.breakdown(later, Strategy.OVERLAP)["xfer_s"] == 0.0
 
 
 def test_decode_only_iterations_come_from_their_measured_table():
