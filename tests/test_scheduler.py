@@ -119,6 +119,16 @@ def step(sched) -> Plan:
     return plan
 
 
+def run_to_the_end(sched, seq: Sequence) -> tuple[int, int]:
+    """Step until every request has finished: (decodes of `seq` on the device, on the host)."""
+    on_device = on_host = 0
+    while sched.has_work():
+        plan = step(sched)
+        on_device += seq in plan.gpu_decodes
+        on_host += seq in plan.cpu_decodes
+    return on_device, on_host
+
+
 def threshold(L: float, G: float) -> float:
     return 2 * L / G + 3 + G / L
 
@@ -413,11 +423,7 @@ def test_a_parked_request_that_needs_the_whole_device_comes_back_to_it():
     sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=64)
     decoding(sched, GPU, ctx=17, max_tokens=3)      # 1 block, needs a 2nd
     big = decoding(sched, GPU, ctx=49, max_tokens=8)   # 3 blocks; 49 tokens need all 4
-    on_host = on_device = 0
-    while sched.has_work():
-        plan = step(sched)
-        on_host += big in plan.cpu_decodes
-        on_device += big in plan.gpu_decodes
+    on_device, on_host = run_to_the_end(sched, big)
     assert sched.num_parks >= 1 and on_host == 0 and on_device == 8
 
 
@@ -428,11 +434,7 @@ def test_a_host_request_that_needs_the_whole_device_comes_back_to_it_once_empty(
     it must come back and decode there to its end, not stay on the host for good."""
     sched = make_sched(policy_cls(cfg(), DesignModel(R=1.0)), gpu_blocks=4, cpu_blocks=64)
     h = decoding(sched, CPU, ctx=49, max_tokens=15)
-    on_host = on_device = 0
-    while sched.has_work():
-        plan = step(sched)
-        on_host += h in plan.cpu_decodes
-        on_device += h in plan.gpu_decodes
+    on_device, on_host = run_to_the_end(sched, h)
     assert (on_device, on_host) == (15, 0) and h.num_output == 15
 
 
@@ -444,11 +446,7 @@ def test_a_device_emptied_within_one_pass_still_takes_its_parked_request_back():
     sched = make_sched(ApexPolicy(cfg(), CopyModel(0.01)), gpu_blocks=4, cpu_blocks=64)
     decoding(sched, GPU, ctx=17, max_tokens=60)
     p = decoding(sched, GPU, ctx=49, max_tokens=20)
-    on_host = on_device = 0
-    while sched.has_work():
-        plan = step(sched)
-        on_host += p in plan.cpu_decodes
-        on_device += p in plan.gpu_decodes
+    on_device, on_host = run_to_the_end(sched, p)
     assert sched.num_parks >= 1 and (on_device, on_host) == (16, 4)
 
 
