@@ -153,8 +153,7 @@ def serve(args, argv) -> int:
         check_plot()
     check_trace_arg(args)
     cfg = EngineConfig.from_cli(args)
-    specs = workloads.make_workload(args.workload, args.num_requests, args.rate, args.length_scale,
-                                    cfg.seed, args.trace)
+    specs = workloads.from_args(args, cfg.seed)
     model, mc, model_info = build_model(args, cfg)
     workloads.check_fits(specs, cfg.context_length(mc))
     prompts = workloads.prompt_token_ids(specs, mc.vocab_size, cfg.seed)

@@ -357,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     check_trace_arg(args)
     check_input_file(args.hardware, "--hardware", "a JSON or YAML hardware description")
     measured = load_report_arg(args.compare_to, policies) if args.compare_to else None
-    specs = workloads.make_workload(args.workload, args.num_requests, args.rate, args.length_scale,
-                                    cfg.seed, args.trace)
+    specs = workloads.from_args(args, cfg.seed)
     if args.calibrate_from:
         profile = load_profile_arg(args.calibrate_from)
         mc, model_name = resolve_model(args.model) if args.model else model_from_key(profile.key)

@@ -391,7 +391,7 @@ OPENINGS = (
     "There once was a {trait} {kind} named {H} who loved to {act}.",
     "{H} was a {trait} {kind}.",
     "One day, a {trait} {kind} named {H} woke up early.",
-    "There was once a {kind} named {H}. {He} was very {trait}.",
+    "There was once {kind_a} named {H}. {He} was very {trait}.",
 )
 LIKES = ("{He} loved to {act}.", "{He} liked to {act} with {his} friends.",
          "Every day, {he} liked to {act} {at_place}.", "{He} lived with {his} {par} in a little house.",
@@ -435,7 +435,7 @@ def _cast(rng: random.Random) -> dict[str, str]:
         obj = rng.choice(COLORS) + " " + obj
     act, acted = rng.choice(ACTIVITIES)
     he, him, his = ("she", "her", "her") if girl else ("he", "him", "his")
-    s = dict(H=H, kind=kind, he=he, him=him, his=his, F=F, fk=fkind, fk_a=_article(fkind),
+    s = dict(H=H, kind=kind, kind_a=_article(kind), he=he, him=him, his=his, F=F, fk=fkind, fk_a=_article(fkind),
              fhe="she" if fgirl else "he", par=par, parhe=parhe, place=place,
              at_place=f"{prep} the {place}", obj=obj, a_obj=_article(obj), act=act, acted=acted,
              food=rng.choice(FOODS), color=rng.choice(COLORS[:7]), trait=rng.choice(TRAITS),

@@ -108,7 +108,9 @@ class StreamDecoder:
     token, emits what the window gained, and holds text back while it ends in U+FFFD.
 
     Without `prompt_ids` the deltas join to exactly `decode(generated ids)` (so the first
-    token loses its leading space, as there). With them, the last few prompt ids serve as
+    token loses its leading space, as there) whenever those ids decode to valid UTF-8. (Where
+    a model samples byte tokens that do not, a tokenizer.json whose decoder replaces a whole
+    invalid byte run may also replace bytes the stream has already printed.) With them, the last few prompt ids serve as
     context and the deltas are the text that continues the printed prompt (" world" after
     "Hello").
     """

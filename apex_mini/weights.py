@@ -266,6 +266,17 @@ def _check_keys(model: LlamaForCausalLM, found: dict[str, tuple[list[int], int, 
                          "config.json that came with these weights")
 
 
+def _check_tied_copy(found: dict[str, tuple[list[int], int, Path]]) -> None:
+    """ValueError unless a tied checkpoint's stored lm_head equals its embedding."""
+    def stored(key):
+        with safe_open(found[key][2], framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
+    if not torch.equal(stored("lm_head.weight"), stored("model.embed_tokens.weight")):
+        raise ValueError("config.json sets tie_word_embeddings, but the checkpoint's "
+                         "lm_head.weight differs from model.embed_tokens.weight; set "
+                         "tie_word_embeddings to false to use the stored lm_head")
+
+
 def load_model(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | str,
                progress: bool | None = None) -> LlamaForCausalLM:
     """Load a LLaMA checkpoint in Hugging Face layout (config.json + safetensors) into `dtype`
@@ -282,7 +293,10 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.d
 
     params = dict(model.named_parameters(remove_duplicate=False))
     if cfg.tie_word_embeddings and "model.embed_tokens.weight" in found:
-        # Transformers' rule: with tied weights the embedding wins; a stored lm_head is ignored.
+        # One tensor serves both: a stored lm_head must be the embedding's copy (transformers
+        # 4 and 5 load one that is not differently: the embedding wins, or the lm_head).
+        if "lm_head.weight" in found:
+            _check_tied_copy(found)
         found.pop("lm_head.weight", None)
     total = sum(nbytes for key, (_, nbytes, _) in found.items() if key in params)
     show = total > PROGRESS_MIN_BYTES if progress is None else progress

@@ -69,14 +69,14 @@ def synthetic(name: str, num_requests: int, rate: float = math.inf, length_scale
         raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}")
     _check_counts(num_requests, length_scale)
     rng = random.Random(seed)
-    arrivals = poisson_arrivals(num_requests, rate, rng)
-    specs = []
-    for t in arrivals:
+    lengths = []                     # drawn first: every --rate gets the same requests
+    for _ in range(num_requests):
         kind = name if name != "mixed" else rng.choice(("chat", "long-input"))
         p_lo, p_hi, o_lo, o_hi = SHAPES[kind]
-        specs.append(RequestSpec(t, _scaled(rng.randint(p_lo, p_hi), length_scale),
-                                 _scaled(rng.randint(o_lo, o_hi), length_scale)))
-    return specs
+        lengths.append((_scaled(rng.randint(p_lo, p_hi), length_scale),
+                        _scaled(rng.randint(o_lo, o_hi), length_scale)))
+    arrivals = poisson_arrivals(num_requests, rate, rng)
+    return [RequestSpec(t, prompt, output) for t, (prompt, output) in zip(arrivals, lengths)]
 
 
 def load_trace(path: str | Path, num_requests: int | None = None,
@@ -116,6 +116,15 @@ def load_trace(path: str | Path, num_requests: int | None = None,
         raise ValueError(f"trace file {str(path)!r} holds no requests")
     specs.sort(key=lambda s: s.arrival_s)
     return specs if num_requests is None else specs[:num_requests]
+
+
+def from_args(args, seed: int) -> list[RequestSpec]:
+    """The workload `add_cli_flags`' flags describe: without --num-requests, the tool's default
+    count of a synthetic workload, or the whole of a trace."""
+    n = args.num_requests
+    if n is None and args.workload != "trace":
+        n = args.synthetic_requests
+    return make_workload(args.workload, n, args.rate, args.length_scale, seed, args.trace)
 
 
 def make_workload(name: str, num_requests: int | None, rate: float = math.inf,
@@ -175,8 +184,10 @@ def add_cli_flags(p: argparse.ArgumentParser, default_requests: int) -> None:
                    "trace (a JSONL file) (default: chat)")
     g.add_argument("--trace", help="JSONL trace for --workload trace, one "
                    '{"arrival_s": s, "prompt_len": n, "output_len": n} per line')
-    g.add_argument("--num-requests", type=int, default=default_requests,
-                   help=f"requests in the workload (default: {default_requests})")
+    g.add_argument("--num-requests", type=int, default=None,
+                   help=f"requests in the workload (default: {default_requests}; with --workload "
+                   "trace, every request of the trace)")
+    p.set_defaults(synthetic_requests=default_requests)
     g.add_argument("--rate", type=float, default=math.inf, help="Poisson arrival rate, requests/s "
                    "(default: inf, every request at t = 0)")
     g.add_argument("--length-scale", type=float, default=1.0, help="multiply prompt and output "

@@ -134,6 +134,10 @@ def test_workloads_are_seeded_and_shaped():
     timed = workloads.synthetic("mixed", 200, rate=10.0, seed=3)
     gaps = [b.arrival_s - a.arrival_s for a, b in zip(timed, timed[1:])]
     assert min(gaps) >= 0 and 0.07 < sum(gaps) / len(gaps) < 0.13        # ~1 / rate
+    # The arrival process draws after the lengths: every rate runs the same requests.
+    same = workloads.synthetic("mixed", 200, seed=3)
+    assert [(s.prompt_len, s.output_len) for s in timed] == [(s.prompt_len, s.output_len)
+                                                             for s in same]
     ids = workloads.prompt_token_ids(chat[:3], 100)
     assert [len(i) for i in ids] == [s.prompt_len for s in chat[:3]]
     assert all(3 <= t < 100 for i in ids for t in i)
@@ -183,6 +187,23 @@ def test_report_json_is_standard_for_an_infinite_rate(tmp_path):
     from apex_mini.cli import json_text
     assert strict_json(json_text({"x": [math.nan, 1.5], "y": {"z": -math.inf}})) == \
         {"x": [None, 1.5], "y": {"z": None}}
+
+
+@pytest.mark.parametrize("tool", ["simulate", "bench serve"])
+def test_a_trace_runs_whole_unless_num_requests_cuts_it(tmp_path, tool):
+    """Without --num-requests a trace keeps every request (a synthetic workload takes the
+    tool's default count); with it, the first ones by arrival."""
+    import apex_mini.bench_serve as bench_serve
+    import apex_mini.simulate as simulate
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(f'{{"arrival_s": {i}, "prompt_len": 3, "output_len": 2}}\n'
+                            for i in range(250)))
+    parser = (simulate if tool == "simulate" else bench_serve).build_parser()
+    trace = ["--workload", "trace", "--trace", str(path)]
+    assert len(workloads.from_args(parser.parse_args(trace), seed=0)) == 250
+    assert len(workloads.from_args(parser.parse_args(trace + ["--num-requests", "7"]), 0)) == 7
+    default = 200 if tool == "simulate" else 32
+    assert len(workloads.from_args(parser.parse_args([]), seed=0)) == default
 
 
 def test_num_requests_must_be_positive_for_a_trace(tmp_path):

@@ -113,6 +113,16 @@ def one_error_line(err: str) -> str:
     assert "Traceback" not in err
     return lines[0]
 
+def test_the_stories_articles_agree_with_their_nouns():
+    """The model learns "an owl" and "a boy" from the corpus alone: no "a" before a vowel."""
+    import re
+    from apex_mini.stories import build_corpus
+    train, val = build_corpus(3000, 0.01, seed=0)
+    text = "\n".join(train + val)
+    assert re.search(r"\ban [aeiou]", text)
+    assert not re.findall(r"\ba [aeiou]\w*", text)
+
+
 
 @pytest.mark.parametrize("flag, value", [
     ("--threads", "0"), ("--threads", "-1"),

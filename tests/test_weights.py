@@ -65,6 +65,17 @@ def test_tied_checkpoint_may_also_store_lm_head(tied_ckpt, tmp_path):
     assert torch.equal(model.lm_head.weight, tensors["model.embed_tokens.weight"])
 
 
+def test_tied_checkpoint_with_a_different_lm_head_is_refused(tied_ckpt, tmp_path):
+    """The config ties the two, the file holds two different tensors: which one is meant is
+    not for the loader to guess (transformers 4 and 5 guess differently)."""
+    ckpt = shutil.copytree(tied_ckpt, tmp_path / "ckpt")
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1.0
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        load_model(ckpt, torch.float32, "cpu")
+
+
 def test_tied_checkpoint_with_only_lm_head_fills_the_embedding(tied_ckpt, tmp_path):
     ckpt = shutil.copytree(tied_ckpt, tmp_path / "ckpt")
     tensors = load_file(ckpt / "model.safetensors")
@@ -233,7 +244,8 @@ def test_random_tiny_model(dtype):
     assert abs(w.std().item() - 0.02) < 0.002
     again = random_model("tiny", dtype, "cpu", seed=3)
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
-    assert not torch.equal(random_model("tiny", dtype, "cpu", seed=4).lm_head.weight, w.to(dtype))
+    assert not torch.equal(random_model("tiny", dtype, "cpu", seed=4).lm_head.weight,
+                           model.lm_head.weight)
     with torch.no_grad():
         logits = model.forward_dense(torch.randint(0, cfg.vocab_size, (1, 16)))
     assert logits.shape == (1, 16, cfg.vocab_size) and torch.isfinite(logits).all()
