@@ -5,9 +5,9 @@ copy bandwidth, measured in the same run.
     python -m apex_mini.bench kernels --shape llama2-7b --contexts 1024,4096 --batches 8,32
     python -m apex_mini.bench kernels --modes eager --quick --json kernels.json
 
-Decode attention reads every cached K and V byte once per step and does about two multiply-adds
-per element, so it is bound by memory bandwidth. Its figure of merit is KV bytes read per
-second:
+Decode attention reads every cached K and V byte once per step and does one multiply-add per
+element for each query head that shares it (G = H / KVH: 4 for Llama-3.1-8B), so it is bound by
+memory bandwidth. Its figure of merit is KV bytes read per second:
 
     GB/s = 2 (K and V) * batch * context * num_kv_heads * head_dim * itemsize / time / 1e9
 

@@ -1,11 +1,12 @@
 """How much device memory the engine keeps free of KV blocks (its activation reserve).
 
-Unless given `gpu_kv_blocks`, the engine sizes the device KV pool as free memory (or
-`gpu_memory_gb` minus the weights) minus this reserve. The pool is allocated once and never
-freed, so the reserve must hold everything an iteration allocates and releases again. A fixed
-guess does not scale: the same 512 MiB is a lot for the 40 MB default model and too little
-for a 7B model with a 32k vocabulary. So it is the sum of worst cases, from the shapes the
-options allow (per-layer terms: the layers run one after the other, their temporaries freed):
+Unless given `gpu_kv_blocks`, the engine sizes a CUDA device's KV pool as free memory minus this
+reserve, capped by `gpu_memory_gb` minus the weights and this reserve when that is set. The
+pool is allocated once and never freed, so the reserve must hold everything an iteration
+allocates and releases again. A fixed guess does not scale: the same 512 MiB is a lot for the
+40 MB default model and too little for a 7B model with a 32k vocabulary. So it is the sum of
+worst cases, from the shapes the options allow (per-layer terms: the layers run one after the
+other, their temporaries freed):
 
     attention   one layer's attention, the larger of
                 - a layer-loop decode: K and V gathered (each at most GATHER_BYTES: rows go in

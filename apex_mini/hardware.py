@@ -107,7 +107,8 @@ class Hardware:
             raise ValueError(f"bad hardware description ({e}); {expected}") from None
 
 
-# The table in design.md; efficiencies are the dataclass defaults unless said.
+# Datasheet figures (memory, peak memory bandwidth, dense fp16 TFLOP/s, PCIe bandwidth each way);
+# efficiencies are the dataclass defaults unless said.
 GPUS = {
     "t4": GPUSpec("T4", memory_gb=16, mem_bw_gbps=320, tflops=65, pcie_gbps=16),
     "a10": GPUSpec("A10", memory_gb=24, mem_bw_gbps=600, tflops=125, pcie_gbps=32),

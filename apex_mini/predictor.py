@@ -8,9 +8,9 @@ Per layer, with `pre`/`post` the linear work before and after attention (QKV; O 
     pipeline   two sub-batches one layer apart, replayed on two timelines (device, CPU worker)
                in the runner's exact order; the weights are read twice
 
-plus, once per iteration (per sub-batch when pipelined): LM head, the fixed overhead, and
-any swaps. A decode-only, device-only iteration does not run the layer loop at all but the
-runner's static decode step (decode_step.py, CUDA graphs), whose Python and launch costs differ
+plus, once per iteration, any swaps, and the LM head and the fixed overhead (these two once
+per sub-batch when pipelined). A decode-only, device-only iteration does not run the layer loop
+at all but the runner's static decode step (decode_step.py, CUDA graphs), whose Python and launch costs differ
 from the loop's; when the profile has measured it whole (`decode_iteration`), that table is
 the prediction (plus swaps).
 

@@ -9,8 +9,8 @@ attention R*g per host request (R = the GPU-to-CPU attention speed ratio), so
     overlap    L + max(G, C)              C = R * g * n_cpu
     pipeline   max(2L + G, C)             weights read twice; the CPU hides behind both halves
 
-Filling the pipeline's CPU window gives more tokens/s than GPU-only only while
-R < 2L/G + 3 + G/L, the threshold quoted in design.md.
+Filling the pipeline's CPU window (C = 2L + G, so n_cpu = (2L + G) / (R g)) gives more tokens/s
+than GPU-only, (n_gpu + n_cpu) / (2L + G) > n_gpu / (L + G), only while R < 2L/G + 3 + G/L.
 """
 from __future__ import annotations
 
