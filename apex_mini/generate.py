@@ -66,13 +66,19 @@ def sampling_params(args) -> SamplingParams:
         raise ValueError(f"{SAMPLING_FLAGS[field]} {rest}") from None
 
 
-def read_prompts(args) -> list[str]:
-    prompts = list(args.prompt or [])
+def read_prompts(args) -> list[tuple[str, str]]:
+    """(where it came from, for messages; text) of every prompt: the --prompt flags in order,
+    then the lines of --prompts-file that hold any text."""
+    given = args.prompt or []
+    alone = len(given) == 1 and not args.prompts_file
+    prompts = [("the prompt" if alone else f"--prompt number {i}", text)
+               for i, text in enumerate(given, start=1)]
     if args.prompts_file:
         path = args.prompts_file
         try:
             with open(path, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
+                prompts += [(f"line {n} of {path}", line.rstrip("\n"))
+                            for n, line in enumerate(f, start=1) if line.strip()]
         except FileNotFoundError:
             raise FileNotFoundError(f"prompts file {path!r} not found") from None
         except UnicodeDecodeError as e:
@@ -82,17 +88,19 @@ def read_prompts(args) -> list[str]:
             raise ValueError(f"prompts file {path!r} cannot be read: {e.strerror}") from None
         if not prompts:
             raise ValueError(f"prompts file {args.prompts_file!r} holds no prompts")
-    return prompts or [DEFAULT_PROMPT]
+    return prompts or [("the prompt", DEFAULT_PROMPT)]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = sampling_params(args)
-    prompts = read_prompts(args)
+    labelled = read_prompts(args)
     llm = LLM(args.model, **vars(EngineConfig.from_cli(args)))
+    for where, text in labelled:             # each named as the user gave it, before any runs
+        llm.engine.check_request(llm.encode(text, where), params, where)
+    prompts = [text for _, text in labelled]
     start = time.perf_counter()
     if len(prompts) == 1:
-        llm.engine.check_request(llm.encode(prompts[0]), params, "the prompt")   # before printing it
         print(prompts[0], end="", flush=True)
         n_tokens = 0
         for token, piece in llm.stream(prompts[0], params):

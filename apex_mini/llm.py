@@ -66,20 +66,20 @@ class LLM:
 
     # ---------------------------------------------------------------- input checks
 
-    def encode(self, prompt: Prompt, index: int = 0) -> list[int]:
+    def encode(self, prompt: Prompt, what: str = "the prompt") -> list[int]:
         """Text (or token ids: a list, tuple, tensor or array) -> token ids; the ids themselves
-        are checked by `Engine.check_request`."""
+        are checked by `Engine.check_request`. `what` names the prompt in errors."""
         if hasattr(prompt, "tolist"):                 # a torch tensor or numpy array of ids
             prompt = prompt.tolist()
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise ValueError(f"prompt {index} is empty; give some text or token ids")
+                raise ValueError(f"{what} is empty; give some text or token ids")
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer; pass prompts as token-id lists")
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)):
-            raise ValueError(f"prompt {index} is {type(prompt).__name__}; give text or a list "
-                             "of token ids")
+            raise ValueError(f"{what} is {type(prompt).__name__}; give text or a list of "
+                             "token ids")
         return [int(t) if _is_token_id(t) else t for t in prompt]   # numpy ints -> int
 
     def _params_list(self, params, n: int) -> list[SamplingParams]:
@@ -101,7 +101,7 @@ class LLM:
     def submit(self, prompts: Prompt | Seq[Prompt], sampling_params=None) -> list[Sequence]:
         prompts = as_prompt_list(prompts)
         params = self._params_list(sampling_params, len(prompts))
-        ids = [self.encode(p, i) for i, p in enumerate(prompts)]
+        ids = [self.encode(p, f"prompt {i}") for i, p in enumerate(prompts)]
         for i, (t, p) in enumerate(zip(ids, params)):                # check all before adding any
             self.engine.check_request(t, p, f"prompt {i}")
         return [self.engine.add_request(t, p) for t, p in zip(ids, params)]

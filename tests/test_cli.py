@@ -162,6 +162,20 @@ def test_bad_input_is_one_line_and_exit_2(case, words, broken, mha_ckpt, tmp_pat
     assert words in lines[0]
 
 
+def test_a_bad_prompt_is_named_as_the_user_gave_it(mha_ckpt, tmp_path, capsys):
+    """Blank lines are skipped, so "prompt 1" would not find it: the file's line number does."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("a short one\n\n" + " ".join(["word"] * 400) + "\n")
+    code, out, err = generate(["--model", str(mha_ckpt), "--device", "cpu", "--prompts-file",
+                               str(path)], capsys)
+    assert code == 2 and out == ""
+    assert err.strip().startswith(f"error: line 3 of {path} has") and "context" in err
+    code, out, err = generate(["--model", str(mha_ckpt), "--device", "cpu", "--prompt", "hi",
+                               "--prompt", "  "], capsys)
+    assert code == 2 and err.strip() == ("error: --prompt number 2 is empty; give some text or "
+                                         "token ids")
+
+
 def test_no_traceback_from_a_real_process(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "apex_mini.generate", "--model", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120)
