@@ -7,7 +7,9 @@ roofline, beside transformers' `generate` on the same weights.
 
 How it measures, identically for both sides: B requests of `--prompt-len` random tokens each
 generate n tokens greedily (end-of-sequence ignored). One run with n = 1 (prefill only) and one
-with n = `--new-tokens` N; decode time = t(N) - t(1), which holds N - 1 decode steps, and
+with n = `--new-tokens` N; decode time = t(N) - t(1), which holds N - 1 decode steps (the
+batch's prefill is one step on both sides: the engine's token budget is raised to B times the
+prompt length where it is smaller), and
 decode tokens/s = B * (N - 1) / decode time. Ours runs through `Engine.step()` (scheduler,
 runner, sampling: everything a server pays per step); theirs through `generate(do_sample=False,
 max_new_tokens=n)` with no end-of-sequence id. Each figure is the median of `--repeats` runs after one
@@ -130,8 +132,20 @@ def decode_times(runs: dict, n: int, repeats: int) -> tuple[dict, dict]:
     times = {side: [] for side in runs}
     for _ in range(repeats):
         for side, run in runs.items():
-            times[side].append(max(run(n)[0] - run(1)[0], 1e-9))
+            times[side].append(decode_time(run, n))
     return times, tokens
+
+
+def decode_time(run, n: int, tries: int = 3) -> float:
+    """t(n) - t(1) of one side. A stall during t(1) on a busy machine can make it negative;
+    such a pair is measured again, and a machine that stalls every time is an error, never a
+    figure."""
+    for _ in range(tries):
+        seconds = run(n)[0] - run(1)[0]
+        if seconds > 0:
+            return seconds
+    raise ValueError(f"decoding {n} tokens took less time than decoding 1, {tries} times in a "
+                     "row: this machine is too busy to measure; run again when it is idle")
 
 
 def sync(device) -> None:
@@ -179,6 +193,9 @@ def bench_device(args, device: torch.device, batches: list[int]) -> list[dict]:
     P, N = args.prompt_len, args.new_tokens
     if cfg.gpu_kv_blocks is None:                    # just enough KV: leave memory to transformers
         cfg.gpu_kv_blocks = max(batches) * -(-(P + N) // cfg.block_size) + 1
+    # Each batch prefills in one step, as transformers' generate does: t(N) - t(1) then holds
+    # N - 1 decode steps of all B rows, not prefill chunks with decodes mixed in.
+    cfg.max_num_batched_tokens = max(cfg.max_num_batched_tokens, max(batches) * P)
     engine = Engine(model, cfg)
     want_hf = not args.no_hf and (device.type == "cuda" or args.hf or args.model_shape not in BIG_SHAPES)
     hf = hf_twin(model) if want_hf else None

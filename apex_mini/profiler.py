@@ -1,6 +1,7 @@
 """The profiler: time each piece of an iteration, per decoder layer, on this machine.
 
-    linear            layer 0's QKV + RoPE + KV write + O + MLP, vs batch tokens
+    linear            QKV + RoPE + KV write + O + MLP of one layer (the mean over a pass
+                      through every layer), vs batch tokens
     prefill_attn      causal attention of one prompt, vs its length
     gpu_decode_attn   paged decode attention on the device, vs (sequences, KV rows read)
     cpu_decode_attn   the host kernel (append K/V + paged decode attention), timed on the worker

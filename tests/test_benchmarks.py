@@ -98,6 +98,24 @@ def test_kernel_point_reads_what_it_says():
     assert len(used) == len(set(used))              # no block shared between copies or rows
 
 
+def test_kernel_time_leaves_out_the_handoff_to_the_worker():
+    """A worker that takes 10 ms to start each task: the figure is still the kernel's."""
+    import time
+    from concurrent.futures import Future
+
+    class SlowHandoff:
+        def submit(self, fn, *args):
+            time.sleep(0.01)
+            done = Future()
+            done.set_result(fn(*args))
+            return done
+
+    p = bench_kernels.Point(context=40, batch=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                            block_size=16, dtype=bench_kernels.torch.float32, pool_bytes=1 << 16)
+    seconds, out = bench_kernels.time_kernel(SlowHandoff(), lambda *args: args[0], p)
+    assert seconds < 0.005 and out is p.q
+
+
 def test_decode_json_has_every_field_and_matches_transformers(tmp_path):
     """The shipped model in fp32: our greedy tokens equal transformers' on the same weights."""
     out = tmp_path / "decode.json"
@@ -117,6 +135,29 @@ def test_decode_without_transformers_writes_null(tmp_path):
                        "--repeats", "1", "--device", "cpu", "--no-hf", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["hf_tok_s"] is None and row["model"] == "tiny" and row["batch"] == 2
+
+
+def test_decode_batches_prefill_in_one_step(monkeypatch):
+    """8 prompts of 300 tokens pass the default 2048-token budget: the bench raises it, so that
+    t(N) - t(1) holds N - 1 decode steps of all 8 rows, not prefill chunks with decodes mixed
+    in (transformers prefills the batch in one pass)."""
+    from apex_mini import bench_decode
+    budgets, Engine = [], bench_decode.Engine
+    def engine(model, cfg, *args, **kwargs):
+        budgets.append(cfg.max_num_batched_tokens)
+        return Engine(model, cfg, *args, **kwargs)
+    monkeypatch.setattr(bench_decode, "Engine", engine)
+    assert bench.main(["decode", "--model-shape", "tiny", "--batches", "8", "--prompt-len", "300",
+                       "--new-tokens", "3", "--repeats", "1", "--device", "cpu", "--no-hf"]) == 0
+    assert budgets == [2400]
+
+
+def test_a_negative_decode_time_is_measured_again_never_published():
+    from apex_mini.bench_decode import decode_time
+    stalls = iter([(1.0, []), (3.0, []), (2.0, []), (0.5, [])])   # t(1) stalled once
+    assert decode_time(lambda n: next(stalls), 4) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="too busy to measure"):
+        decode_time(lambda n: (1.0, []) if n > 1 else (2.0, []), 4)
 
 
 def test_bench_usage_and_unknown_command(capsys):
