@@ -36,9 +36,16 @@ def reference(gqa_llama3_ckpt):
     dict(policy="gpu-only", bucket_decode=False),
 ], ids=["static-0.5", "static-1.0", "chunked", "chunked-host", "no-buckets"])
 def test_same_tokens_as_gpu_only(gqa_llama3_ckpt, reference, options):
+    """Each option changes how the requests run, never their tokens; and it does change how
+    they run (host decodes; prefills cut into chunks within the token budget), or the case
+    would compare gpu-only with itself."""
     tokens, engine = run(gqa_llama3_ckpt, mixed_prompts(), **options)
     assert tokens == reference
     strategies = {r.plan.strategy for r in engine.records}
+    if options.get("max_num_batched_tokens"):               # the budget reached the scheduler
+        budget = options["max_num_batched_tokens"]
+        assert any(n < seq.prompt_len for r in engine.records for seq, n in r.plan.prefills)
+        assert max(sum(n for _, n in r.plan.scheduled) for r in engine.records) <= budget
     if options.get("cpu_fraction"):
         assert Strategy.OVERLAP in strategies
         assert any(r.plan.cpu_decodes for r in engine.records)
@@ -99,6 +106,23 @@ def test_seeded_sampling_is_independent_of_the_batch(mha_ckpt):
     assert other[0] != alone[0]
 
 
+def test_a_greedy_request_beside_sampled_ones(mha_ckpt):
+    """Greedy and sampled requests in one batch: each gives the tokens it gives alone (one
+    request's temperature 0 must not make its batch greedy, nor a sampled neighbour make a
+    greedy request sample)."""
+    prompts = mixed_prompts()[:4]
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.5, max_tokens=12, seed=7, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=1.5, top_k=50, max_tokens=12, seed=8, ignore_eos=True)]
+    together, engine = run(mha_ckpt, prompts, params)
+    assert any(len(r.plan.gpu_decodes) == 4 for r in engine.records)      # one batch
+    alone = [run(mha_ckpt, [p], q)[0][0] for p, q in zip(prompts, params)]
+    assert together == alone
+    greedy = [run(mha_ckpt, [p], GREEDY)[0][0][:12] for p in prompts[1::2]]
+    assert together[1] != greedy[0] and together[3] != greedy[1]            # they do sample
+
+
 def test_iteration_records_stay_bounded(mha_ckpt):
     """A long-lived engine keeps at most max_records records (each holds its requests), the
     newest ones, and the older half goes at once when full."""
@@ -124,7 +148,34 @@ def test_one_record_kept_is_the_last_one(mha_ckpt):
     llm.close()
 
 
+def test_an_eos_id_from_generation_config_stops_generation(mha_ckpt, tmp_path):
+    """generation_config.json may list several EOS ids: the tokenizer takes them all, and the
+    engine stops a request at any of them ("stop", the EOS its last token), unless it ignores
+    EOS. Here the second id is the 4th token this prompt generates greedily."""
+    import json
+    import shutil
+    from apex_mini.tokenizer import Tokenizer
+    prompt = [1, 5, 6]
+    free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    tokens = run(mha_ckpt, [prompt], free)[0][0]
+    eos = tokens[3]
+    assert 2 not in tokens[:4] and eos not in tokens[:3]
+    ckpt = shutil.copytree(mha_ckpt, tmp_path / "ckpt")
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps(dict(gen, eos_token_id=[2, eos])))
+    assert Tokenizer.from_dir(ckpt).eos_ids == (2, eos)
+    llm = LLM(ckpt, device="cpu", dtype="float32")
+    assert llm.engine.scheduler.eos_ids == (2, eos)
+    stopped, ignoring = llm.generate([prompt, prompt], [
+        SamplingParams(temperature=0.0, max_tokens=12), free])
+    llm.close()
+    assert (stopped.token_ids, stopped.finish_reason) == (tokens[:4], "stop")
+    assert (ignoring.token_ids, ignoring.finish_reason) == (tokens, "length")
+
+
 def test_eos_stops_and_max_tokens_limits(mha_ckpt):
+    """max_tokens ends a request with "length", a stop token with "stop"; the model's EOS id is
+    its config's (that an EOS id stops a request: the test above, and the scheduler's tests)."""
     llm = LLM(mha_ckpt, device="cpu", dtype="float32")
     out = llm.generate([[1, 5, 6]], SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True))[0]
     assert len(out.token_ids) == 7 and out.finish_reason == "length"

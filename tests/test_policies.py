@@ -109,6 +109,10 @@ def test_same_tokens_under_every_policy(gqa_llama3_ckpt, reference, case):
         assert not any(r.plan.uses_host for r in records) and not any(r.plan.preempted for r in records)
         assert {s.dst_tier for s in swaps} == {CPU, GPU}
         assert engine.scheduler.num_parks > 0
+    if case == "gpu-only-tight":                                # waits or preempts, never the host
+        assert not any(r.plan.uses_host or r.plan.cpu_decodes for r in records) and not swaps
+        assert any(r.plan.preempted for r in records)
+        assert engine.cpu_blocks.num_free == engine.cpu_blocks.num_blocks
     if case == "apex-roomy":                                    # everything fits the device
         assert strategies == {Strategy.GPU_ONLY} and not swaps
 
@@ -152,14 +156,16 @@ FIXTURES_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 def check_random_workload(ckpt, device, data, lengths, policy, block_size, fast):
     """Random prompts, output lengths, tier sizes and batch limits (each request fits the device
     tier alone, so none is refused, but together they preempt, swap and move), greedy or seeded
-    sampling: the tokens equal a roomy gpu-only run's on the same device."""
+    sampling per request: the tokens equal a roomy gpu-only run's on the same device."""
     g = torch.Generator().manual_seed(len(lengths))
     prompts = [torch.randint(3, VOCAB_SIZE, (n,), generator=g).tolist() for n in lengths]
     new_tokens = data.draw(st.lists(st.integers(4, 24), min_size=len(lengths), max_size=len(lengths)))
-    # Greedy, or seeded sampling: a request's draws depend on its seed and step, not its batch.
-    temperature = data.draw(st.sampled_from([0.0, 0.8]))
-    params = [SamplingParams(temperature=temperature, top_p=0.9, seed=i, max_tokens=n,
-                             ignore_eos=True) for i, n in enumerate(new_tokens)]
+    # Greedy or seeded sampling, drawn per request so greedy and sampled requests share
+    # batches: a request's draws depend on its seed and step, not its batch or neighbours.
+    temperatures = data.draw(st.lists(st.sampled_from([0.0, 0.8]), min_size=len(lengths),
+                                      max_size=len(lengths)))
+    params = [SamplingParams(temperature=t, top_p=0.9, seed=i, max_tokens=n, ignore_eos=True)
+              for i, (t, n) in enumerate(zip(temperatures, new_tokens))]
     need = max(-(-(p + n) // block_size) for p, n in zip(lengths, new_tokens))   # blocks
     options = dict(policy=policy, block_size=block_size,
                    gpu_kv_blocks=data.draw(st.integers(need, need + 3)),

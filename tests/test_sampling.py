@@ -86,12 +86,21 @@ def test_degenerate_filters_are_argmax(kw):
 
 
 def test_mixed_rows_greedy_and_sampled():
-    """A greedy row stays greedy beside sampled rows in the same call."""
-    logits = random_logits(2, 50, seed=2, scale=0.1)       # flat: sampling rarely hits argmax
-    t = torch.tensor([0.0, 1.0])
+    """A greedy row stays greedy beside sampled rows in the same call, and a sampled row stays
+    sampled beside a greedy one: each row draws what it draws in a call of its own (one row's
+    temperature 0 must not turn the whole batch greedy, nor the reverse)."""
+    logits = random_logits(3, 50, seed=2, scale=0.1)       # flat: sampling rarely hits argmax
+    t = torch.tensor([0.0, 1.0, 0.0])
+    argmax = logits.argmax(-1)
+    sampled_hits = 0
     for step in range(20):
-        got = sample(logits, **rows(logits, temperature=t, steps=torch.tensor([step, step])))
-        assert got[0] == logits[0].argmax()
+        kw = rows(logits, temperature=t, seeds=torch.tensor([3, 4, 5]), steps=torch.full((3,), step))
+        got = sample(logits, **kw)
+        alone = [sample(logits[i:i + 1], **{k: v[i:i + 1] for k, v in kw.items()})[0] for i in range(3)]
+        assert got[0] == argmax[0] and got[2] == argmax[2]
+        assert got.tolist() == [int(a) for a in alone]
+        sampled_hits += int(got[1] == argmax[1])
+    assert sampled_hits <= 10                               # row 1 does sample: ~1 hit in 20
 
 
 # ------------------------------------------------------------------ seeds

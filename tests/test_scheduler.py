@@ -699,13 +699,76 @@ def test_the_capacity_check_counts_only_the_kv_a_request_writes():
     assert long.num_output == 5 and long.finish_reason == "length"
 
 
+class RaisingPredictor:
+    """A predictor no policy may ask: any question fails the test."""
+
+    def iteration_time(self, shape: BatchShape, strategy: Strategy) -> float:
+        raise AssertionError("the gpu-only policy asked a predictor")
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the gpu-only policy asked a predictor for {name!r}")
+
+
 def test_gpu_only_policy_unchanged():
-    """The baseline never uses the host tier and never asks a predictor."""
-    sched = make_sched(GpuOnlyPolicy(), gpu_blocks=4, cpu_blocks=1)
-    a = new_seq(40)
+    """The baseline never uses the host tier and never asks a predictor, even with a host
+    roomy enough for every request: a request that does not fit the device waits for it (it is
+    not placed on the host), and the run ends with no host decode, no swap and the host's
+    blocks all free. Built the way the engine builds it, around a predictor that raises."""
+    from apex_mini.policies import make_policy
+    policy = make_policy("gpu-only", cfg(), RaisingPredictor())
+    assert isinstance(policy, GpuOnlyPolicy)
+    sched = make_sched(policy, gpu_blocks=4, cpu_blocks=64)
+    a, b = new_seq(40), new_seq(40)          # 3 blocks each: the second does not fit the device
     sched.add(a)
-    plan = sched.schedule()
-    assert a.tier == GPU and plan.strategy is Strategy.GPU_ONLY
+    sched.add(b)
+    plan = step(sched)
+    assert a.tier == GPU and plan.strategy is Strategy.GPU_ONLY and not plan.uses_host
+    assert b.status is Status.WAITING and b.tier is None and list(sched.waiting) == [b]
+    plans = [plan]
+    while sched.has_work():
+        plans.append(step(sched))
+        assert sched.blocks[CPU].num_free == 64
+    assert not any(p.cpu_decodes or p.swaps or p.uses_host for p in plans)
+    assert {p.strategy for p in plans} == {Strategy.GPU_ONLY}
+    assert a.num_output == b.num_output == 8 and b.tier == GPU
+
+
+def eos_run(eos_ids, emitted, params):
+    """Requests `params` (one each) on a roomy gpu-only scheduler whose EOS ids are `eos_ids`;
+    request i's k-th output token is emitted[i][k] (7 once the list runs out). Steps to the end
+    and returns the requests, checking after every step that a finished one holds no block."""
+    sched = Scheduler(GpuOnlyPolicy(), BlockManager(64, BS, GPU), BlockManager(64, BS, CPU),
+                      256, 2048, max_model_len=100_000, eos_ids=eos_ids)
+    seqs = [Sequence(next(_ids), [5] * 20, p, seed=0) for p in params]
+    for s in seqs:
+        sched.add(s)
+    while sched.has_work():
+        plan = sched.schedule()
+        tokens = [(emitted[seqs.index(s)] + [7] * 100)[s.num_output]
+                  for s, n in plan.scheduled if s.num_computed + n == s.num_tokens]
+        sched.finish(plan, tokens)
+        sched.check_integrity()
+        for s in seqs:
+            if s.status is Status.FINISHED:
+                assert s.seq_id not in sched.blocks[GPU].tables
+    assert sched.blocks[GPU].num_free == 64
+    return seqs
+
+
+def test_eos_stops_a_request_unless_it_ignores_eos():
+    """An EOS token ends its request at once ("stop", the EOS kept as its last output, its
+    blocks freed), whichever of the scheduler's EOS ids it is; a request with ignore_eos runs
+    on to max_tokens ("length"), and one that never meets an EOS does too."""
+    params = [SamplingParams(temperature=0.0, max_tokens=10),
+              SamplingParams(temperature=0.0, max_tokens=10),
+              SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=10)]
+    emitted = [[7, 7, 2], [7, 9], [2, 9, 2], [7, 8, 3]]   # EOS ids are 2 and 9
+    first, second, ignoring, never = eos_run((2, 9), emitted, params)
+    assert (first.finish_reason, first.output_ids) == ("stop", [7, 7, 2])
+    assert (second.finish_reason, second.output_ids) == ("stop", [7, 9])
+    assert (ignoring.finish_reason, ignoring.num_output) == ("length", 10)
+    assert (never.finish_reason, never.num_output) == ("length", 10)
 
 
 def test_candidate_sizes_thin_out():
