@@ -13,6 +13,8 @@ Each checkpoint is what `LlamaForCausalLM(config).save_pretrained(dir)` from tra
                   (theta 10000 and head_dim 16 put frequencies in all three llama3 bands)
     tied          tie_word_embeddings (no lm_head.weight in the file), multi-query attention
     sharded       the mha shape with 3 layers saved in several shards + model.safetensors.index.json
+    linear_rope   the mha shape with rope_scaling type linear, factor 4 (not in CKPT_KINDS, so
+                  not in any_ckpt: test_parity's linear-scaling case asks for it by name)
 
 Helpers for end-to-end runs: `mixed_prompts()` (six token-id prompts of different lengths)
 and `run_greedy(path, prompts, params, ...)` -> (output token lists, the closed engine).
@@ -55,6 +57,10 @@ CKPT_CONFIGS: dict[str, dict] = {
                  tie_word_embeddings=True),
     "sharded": dict(_COMMON, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4),
 }
+
+# Built only where asked for by name (hf_checkpoint("linear_rope")), not for every kind.
+CKPT_CONFIGS["linear_rope"] = dict(CKPT_CONFIGS["mha"],
+                                   rope_scaling={"rope_type": "linear", "factor": 4.0})
 
 
 def corpus_lines(n: int = 3000, seed: int = 0) -> list[str]:
@@ -194,3 +200,17 @@ def run_greedy(path, prompts, params, predictor=None, fast: bool = True, device:
         return [o.token_ids for o in outs], llm.engine
     finally:
         llm.close()
+
+
+# ------------------------------------------------------------------------------ reporting
+
+def pytest_terminal_summary(terminalreporter):
+    """One line to grab for docs, after every test ran: test_parity's max |logit difference|
+    per case (PARITY_MAX_ABS_DIFF), whatever order the cases ran in; none when none ran."""
+    import sys
+    module = next((m for name, m in list(sys.modules.items())
+                   if name.rsplit(".", 1)[-1] == "test_parity"), None)
+    figures = getattr(module, "PARITY_MAX_ABS_DIFF", None)
+    if figures:
+        terminalreporter.write_line("PARITY_MAX_ABS_DIFF " + " ".join(
+            f"{k}={v:.3e}" for k, v in figures.items()))

@@ -82,11 +82,31 @@ def test_compiled_rows_are_timed_on_graphs_compiled_as_an_engine_compiles_them(m
         assert all(c == ("kernel",) for c in calls)
 
 
-def test_bad_flags_are_one_line():
-    for argv in (["kernels", "--modes", "fast"], ["kernels", "--contexts", "0"],
-                 ["kernels", "--batches", "a,b"], ["decode", "--batches", "a,b"],
-                 ["decode", "--batches", "0"], ["decode", "--new-tokens", "1"]):
-        assert run_cli(lambda: bench.main(argv)) == 2
+def one_line_error(argv, capsys, *words) -> str:
+    """`bench <argv>` fails as a user sees it: exit status 2, one `error:` line on stderr that
+    holds each of `words`, no traceback, nothing on stdout (it failed before any work)."""
+    code = run_cli(lambda: bench.main(argv))
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and out == "", err + out
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["kernels", "--modes", "fast"], ("error: --modes ", "'fast'")),
+    (["kernels", "--contexts", "0"], ("error: --contexts ", "'0'")),
+    (["kernels", "--batches", "a,b"], ("error: --batches ", "'a,b'")),
+    (["decode", "--batches", "a,b"], ("error: --batches ", "'a,b'")),
+    (["decode", "--batches", "0"], ("error: --batches ", "'0'")),
+    (["decode", "--new-tokens", "1"], ("--new-tokens >= 2",)),
+])
+def test_bad_flags_are_one_line(argv, words, capsys):
+    """A bad value is one line naming the flag it came from, and the value."""
+    one_line_error(argv, capsys, *words)
 
 
 def test_kernel_point_reads_what_it_says():
@@ -213,10 +233,13 @@ def test_overlap_records_every_layer_of_hybrid_steps(tmp_path, capsys):
     assert "of the device attention's time" in printed and "eager CPU attention" in printed
 
 
-def test_overlap_bad_flags_are_one_line():
-    for argv in (["overlap", "--num-requests", "1"], ["overlap", "--steps", "0"],
-                 ["overlap", "--cpu-fraction", "0"], ["overlap", "--prompt-len", "100000"]):
-        assert run_cli(lambda: bench.main(argv)) == 2
+@pytest.mark.parametrize("argv", [
+    ["overlap", "--num-requests", "1"], ["overlap", "--steps", "0"],
+    ["overlap", "--cpu-fraction", "0"], ["overlap", "--prompt-len", "100000"],
+])
+def test_overlap_bad_flags_are_one_line(argv, capsys):
+    """Each is one line that starts with the flag it came from and gives its value."""
+    one_line_error(argv, capsys, f"error: {argv[1]} ", argv[2])
 
 
 def run_gpu_session(tmp_path, fake_body: str = "", **env_vars):

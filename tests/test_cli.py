@@ -185,13 +185,23 @@ def test_no_traceback_from_a_real_process(tmp_path):
 
 
 def test_help_names_every_flag():
+    """--help lists generate's own flags and one per EngineConfig field (both forms of a
+    boolean one), each as a whole flag, not as the prefix of a longer one."""
+    import dataclasses
+    import re
+
+    from apex_mini.config import EngineConfig
+
     proc = subprocess.run([sys.executable, "-m", "apex_mini.generate", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--model", "--prompt", "--prompts-file", "--max-new-tokens", "--temperature",
-                 "--top-p", "--top-k", "--seed", "--device", "--dtype", "--policy",
-                 "--gpu-kv-blocks", "--cpu-kv-blocks", "--cpu-fraction"):
-        assert flag in proc.stdout
+    flags = ["--model", "--prompt", "--prompts-file", "--max-new-tokens", "--temperature",
+             "--top-p", "--top-k", "--seed"]
+    for f in dataclasses.fields(EngineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        flags += [flag, "--no-" + flag[2:]] if f.type in ("bool", bool) else [flag]
+    for flag in flags:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", proc.stdout), flag
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -1,7 +1,9 @@
 """Parity with Hugging Face transformers on the tiny checkpoints of conftest.py.
 
 `pytest -s tests/test_parity.py` prints one line per case, `parity[<case>] max_abs_diff=...`,
-and the figures are also kept in PARITY_MAX_ABS_DIFF (case -> float).
+and the figures are also kept in PARITY_MAX_ABS_DIFF (case -> float), which conftest.py's
+pytest_terminal_summary prints as one line at the end of the run, `PARITY_MAX_ABS_DIFF
+<case>=<diff> ...` (no line when no case ran).
 """
 from __future__ import annotations
 
@@ -66,6 +68,36 @@ def test_rope_frequencies_match_transformers(gqa_llama3_ckpt):
     assert not torch.allclose(ours, default_inv_freq(16, 10000.0))
 
 
+def test_linear_rope_scaling_matches_transformers(hf_checkpoint, tmp_path):
+    """rope_scaling type linear (factor 4): the frequencies are transformers' and a quarter of
+    the plain ones, and the logits match over SEQ_LEN positions. The older spelling of config.json
+    (`rope_scaling` with `type`, as transformers v4 wrote it) gives the same frequencies."""
+    import json
+    import shutil
+
+    from apex_mini.config import ModelConfig
+    from apex_mini.rope import default_inv_freq, inv_freq_for
+
+    path = hf_checkpoint("linear_rope")
+    model = load_model(path, torch.float32, "cpu")
+    hf = _hf_model(path)
+    theirs = hf.model.rotary_emb.inv_freq
+    assert torch.equal(model.model.rotary_emb.inv_freq, theirs)
+    assert torch.allclose(theirs, default_inv_freq(16, 10000.0) / 4.0)
+    with torch.no_grad():
+        ids = _ids(2, SEQ_LEN)
+        diff = (model.forward_dense(ids) - hf(ids).logits.float()).abs().max().item()
+    PARITY_MAX_ABS_DIFF["linear_rope"] = diff
+    assert diff <= 1e-4
+
+    old = shutil.copytree(path, tmp_path / "v4")
+    cfg = json.loads((old / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0})
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(inv_freq_for(ModelConfig.from_hf(old)), theirs)
+
+
 @pytest.mark.parametrize("dtype,tol_vs_fp32", [(torch.float16, 0.1), (torch.bfloat16, 0.5)])
 @pytest.mark.parametrize("kind", ["gqa_llama3", "tied"])
 def test_half_precision_load(kind, dtype, tol_vs_fp32, hf_checkpoint, hf_logits):
@@ -116,10 +148,3 @@ def test_greedy_generation_matches_transformers(kind, hf_checkpoint):
                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert len(ref) == max_tokens
         assert list(out.token_ids) == ref, f"{kind}: prompt of {len(prompt)} tokens diverged"
-
-
-def test_print_parity_summary():
-    """Runs last in this file: one line to grab for docs (empty if the cases were deselected)."""
-    if PARITY_MAX_ABS_DIFF:
-        print("\nPARITY_MAX_ABS_DIFF " + " ".join(f"{k}={v:.3e}" for k, v in
-                                                 PARITY_MAX_ABS_DIFF.items()))

@@ -229,6 +229,85 @@ def test_pipeline_replay_equals_simulating_every_layer():
                                                        rel=1e-9, abs=1e-12)
 
 
+def pipeline_by_events(layers, pre_a, dev_a, post_a, host_a, pre_b, post_b, host_b) -> float:
+    """The pipelined loop written out as the runner's calls (runner._forward_pipelined), then
+    played on two resources: the device, which runs its work in program order and waits at
+    each join, and one CPU worker, which takes host jobs first come, first served. A job starts
+    when its rows are down and the worker is free; its output is ready once it has gone back
+    up. Sub-batch A sends a job only when it has host rows (a job time); B always has."""
+    program = []
+    for i in range(layers):
+        program += [("run", pre_a), ("send", "a", host_a), ("run", dev_a)]
+        if i > 0:
+            program += [("join", "b"), ("run", post_b)]
+        program += [("run", pre_b), ("send", "b", host_b), ("join", "a"), ("run", post_a)]
+    program += [("join", "b"), ("run", post_b)]
+    device, worker_free, ready = 0.0, 0.0, {}
+    for op, *args in program:
+        if op == "run":
+            device += args[0]
+        elif op == "send":
+            name, (down, job, up) = args
+            if name == "a" and not job:
+                ready[name] = device                       # nothing on the host to wait for
+                continue
+            start = max(worker_free, device + down)
+            worker_free = start + job
+            ready[name] = worker_free + up
+        else:
+            device = max(device, ready.pop(args[0]))
+    return device
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_pipeline_replay_device_bound_by_hand(layers):
+    """Host jobs shorter than the device's work hide completely: each layer costs the device's
+    own work (both sub-batches' linear halves and A's attention), nothing more."""
+    from apex_mini.predictor import _replay
+    host = (0.0, 1.0, 0.0)
+    got = _replay(layers, 1.0, 10.0, 2.0, host, 1.0, 2.0, host)
+    assert got == pytest.approx(layers * (1.0 + 10.0 + 2.0 + 1.0 + 2.0))        # 16 a layer
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_pipeline_replay_host_bound_by_hand(layers):
+    """Host jobs longer than the device's work: the one worker runs A's and B's jobs back to
+    back, so its backlog is the critical path, A's first linear half before it and B's last
+    after it: pre_a + layers * (job_a + job_b) + post_b (1 layer: 1 + 20 + 1)."""
+    from apex_mini.predictor import _replay
+    host = (0.0, 10.0, 0.0)
+    got = _replay(layers, 1.0, 0.0, 1.0, host, 1.0, 1.0, host)
+    assert got == pytest.approx(1.0 + layers * (10.0 + 10.0) + 1.0)
+
+
+def test_pipeline_replay_with_copies_by_hand():
+    """One layer with copies: A's rows go down (1) after its first linear half (1), A's job runs
+    (3), B's job waits for the worker (3) though its rows were down long before, B's output
+    comes up (1), then B's last linear half (1): 10, not the device's own 1+2+1+1+1 = 6."""
+    from apex_mini.predictor import _replay
+    host = (1.0, 3.0, 1.0)
+    assert _replay(1, 1.0, 2.0, 1.0, host, 1.0, 1.0, host) == pytest.approx(10.0)
+
+
+def test_pipeline_replay_equals_an_event_simulation():
+    """The recurrence (and its extrapolation) agrees with the loop played out event by event
+    (pipeline_by_events, written from the runner's call order alone), on random times: mostly
+    device-bound, mostly host-bound, balanced, with and without copies, A with and without a
+    host job."""
+    from apex_mini.predictor import _replay
+    rng = random.Random(7)
+    for trial in range(2000):
+        u = lambda: rng.choice([0.0, rng.uniform(0, 1), rng.uniform(0, 0.01)])
+        host_b = (u(), rng.uniform(1e-3, 1), u())
+        host_a = (0.0, 0.0, 0.0) if trial % 4 == 0 else (u(), rng.uniform(1e-3, 1), u())
+        args = (u(), u(), u(), host_a, u(), u(), host_b)
+        layers = rng.choice([1, 2, 3, 7, 32])
+        expected = pipeline_by_events(layers, *args)
+        assert _replay(layers, *args) == pytest.approx(expected, rel=1e-9, abs=1e-12), (layers, args)
+        assert _replay(layers, *args, extrapolate=False) == pytest.approx(expected, rel=1e-9,
+                                                                          abs=1e-12)
+
+
 def test_iteration_time_from_table_points():
     p = sample_profile()
     pred = Predictor(p)
@@ -435,6 +514,50 @@ def test_engine_profiles_once_then_reuses(monkeypatch):
     second = Engine(model, cfg)
     second.close()
     assert second.predictor.profile == Profile.from_json(path)
+
+
+def fake_profiling(monkeypatch, tmp_path):
+    """Profiling returns sample_profile() under the engine's own key at once, saved in a cache
+    of this test's own (so no other test reuses the fake)."""
+    monkeypatch.setenv("APEX_MINI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(profiler, "profile_engine",
+                        lambda engine, grid, progress: sample_profile(key=profiler.engine_key(engine)))
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+def test_engine_predictor_follows_the_feedback_option(feedback, monkeypatch, tmp_path):
+    """predictor_feedback reaches the predictor the engine builds: off, it has no feedback and
+    observing a slow iteration leaves every prediction at the tables'."""
+    from apex_mini.engine import Engine
+    from apex_mini.weights import random_model
+    fake_profiling(monkeypatch, tmp_path)
+    model = random_model("tiny", torch.float32, "cpu")
+    cfg = EngineConfig(device="cpu", dtype="float32", policy="apex", gpu_kv_blocks=8,
+                       cpu_kv_blocks=64, predictor_feedback=feedback)
+    engine = Engine(model, cfg)
+    engine.close()
+    pred = engine.predictor
+    assert (pred.feedback is not None) == feedback
+    shape = BatchShape(n_gpu_decodes=8, gpu_decode_kv=1024)
+    table_s = pred.breakdown(shape, Strategy.OVERLAP)["table_s"]
+    for _ in range(MIN_SEEN):
+        pred.observe(shape, Strategy.OVERLAP, 2 * table_s)
+    assert pred.iteration_time(shape, Strategy.OVERLAP) == pytest.approx(
+        2 * table_s if feedback else table_s)
+
+
+def test_profile_report_without_feedback(monkeypatch, tmp_path):
+    """`profile --report --no-predictor-feedback`: the report's predictor has no feedback, so
+    every prediction it scored is the tables' own."""
+    from apex_mini.profile import main
+    fake_profiling(monkeypatch, tmp_path)
+    out = tmp_path / "report.json"
+    assert main(["--model-shape", "tiny", "--device", "cpu", "--quick", "--report",
+                 "--no-predictor-feedback", "--json", str(out), "--requests", "2",
+                 "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["feedback"] is None and report["n"] > 0
+    assert report["points"] and all(p["predicted_ms"] == p["table_ms"] for p in report["points"])
 
 
 def test_profile_cli_report(tmp_path, capsys):

@@ -217,3 +217,37 @@ def test_num_requests_must_be_positive_for_a_trace(tmp_path):
         with pytest.raises(ValueError, match="--num-requests must be at least 1"):
             workloads.make_workload("trace", n, trace=str(path))
     assert len(workloads.make_workload("trace", None, trace=str(path))) == 3
+
+
+def test_scheduler_time_adds_the_schedulers_wall_time(tmp_path, monkeypatch):
+    """--scheduler-time adds the wall time spent in schedule() and finish() to the simulated
+    clock. With a fake wall clock that ticks 1 s per reading, that is exactly 2 s per
+    iteration (one reading before and after each call), so the run ends 2 s x iterations later
+    than without the flag, and a first token after k iterations comes 2k s later. Every
+    request arrives at t = 0 and there is no noise, so both runs make the same plans."""
+    import types
+
+    import apex_mini.simulate as simulate
+
+    def run(*flags):
+        """(the gpu-only row, scheduler iterations: four clock readings each)."""
+        readings = []
+
+        def perf_counter():
+            readings.append(float(len(readings)))
+            return readings[-1]
+        monkeypatch.setattr(simulate, "time", types.SimpleNamespace(perf_counter=perf_counter))
+        out = tmp_path / f"sim{len(flags)}.json"
+        assert main(["--num-requests", "6", "--policies", "gpu-only", "--json", str(out),
+                     "--no-progress", *flags]) == 0
+        assert len(readings) % 4 == 0
+        return json.loads(out.read_text())["policies"]["gpu-only"], len(readings) // 4
+
+    plain, loops = run()
+    timed, loops_timed = run("--scheduler-time")
+    assert loops == loops_timed and loops == plain["iterations"] > 1
+    assert timed["iterations"] == plain["iterations"]
+    assert timed["duration_s"] == pytest.approx(plain["duration_s"] + 2.0 * loops)
+    for t, p in zip(timed["samples"]["ttft_s"], plain["samples"]["ttft_s"]):
+        k = round((t - p) / 2.0)
+        assert k >= 1 and t == pytest.approx(p + 2.0 * k), (t, p)

@@ -3,6 +3,7 @@ step count), run once as a subprocess exactly as a user would run it; and its ba
 on stderr, exit status 2, no traceback, before any work."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -74,12 +75,19 @@ def test_tokenizer_round_trips(quick_run):
 
 
 def test_reports_perplexity_and_parity(quick_run):
-    _, stdout = quick_run
+    """The run reports a finite held-out perplexity, and checks the saved files against
+    transformers whenever transformers is installed (the [test] extra installs it): a skipped or
+    broken check must fail here, not pass unnoticed. Without transformers it says so."""
+    out, stdout = quick_run
     ppl = float(re.search(r"held-out perplexity: ([0-9.e+-]+|nan|inf)", stdout).group(1))
     assert math.isfinite(ppl) and ppl > 1.0
     parity = re.search(r"max \|logit difference\| ([0-9.e+-]+)", stdout)
-    if parity:   # absent only when transformers is not installed
-        assert float(parity.group(1)) < 1e-4
+    if importlib.util.find_spec("transformers") is None:
+        assert parity is None and "transformers parity: skipped" in stdout, stdout[-2000:]
+        return
+    assert parity, stdout[-2000:]
+    assert float(parity.group(1)) < 1e-4
+    assert "not checked" not in (out / "README.md").read_text()
 
 
 # ------------------------------------------------------------------------------- bad input

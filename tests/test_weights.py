@@ -331,6 +331,23 @@ def test_resolve_dtype_auto_follows_the_checkpoint_on_cuda(monkeypatch):
     assert resolve_dtype("auto", cfg, torch.device("cuda")) == torch.bfloat16
 
 
+@pytest.mark.parametrize("checkpoint, capability, expected", [
+    ("bfloat16", (7, 5), torch.float16),       # T4: no native bf16
+    ("bfloat16", (6, 0), torch.float16),
+    ("bfloat16", (9, 0), torch.bfloat16),
+    ("float16", (7, 5), torch.float16),
+    ("float32", (7, 5), torch.float32),
+])
+def test_resolve_dtype_auto_before_ampere(checkpoint, capability, expected, monkeypatch):
+    """A bfloat16 checkpoint on a GPU before Ampere (compute capability < 8.0) runs in float16;
+    other checkpoint dtypes, and bfloat16 on newer GPUs, are kept. An explicit dtype is never
+    changed. (The capability is faked: no GPU needed.)"""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    cfg = dataclasses.replace(MODEL_SHAPES["tiny"], torch_dtype=checkpoint)
+    assert resolve_dtype("auto", cfg, torch.device("cuda")) == expected
+    assert resolve_dtype("bfloat16", cfg, torch.device("cuda")) == torch.bfloat16
+
+
 def test_resolve_device():
     assert resolve_device("cpu") == CPU
     expected = "cuda" if torch.cuda.is_available() else "cpu"
