@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: none)")
     p.add_argument("--quick", action="store_true", help="a smoke run: batches 1,8, 16 new tokens, "
                    "1 repeat, for those of the three flags not given (default: off)")
-    EngineConfig.add_cli_flags(p, skip=("policy",))
+    # The token budget is the bench's: each batch prefills in one step (see bench_device).
+    EngineConfig.add_cli_flags(p, skip=("policy", "max_num_batched_tokens"))
     return p
 
 

@@ -32,7 +32,7 @@ SUPPORTED_ROPE_TYPES = tuple(ROPE_TYPE_FIELDS)
 
 def rope_type_of(scaling: dict) -> str:
     """A rope_scaling's type: transformers writes `rope_type`, older configs `type`."""
-    return scaling.get("rope_type", scaling.get("type", "default"))
+    return scaling.get("rope_type") or scaling.get("type") or "default"
 
 
 def _is_positive_number(value) -> bool:
@@ -203,7 +203,8 @@ def _rope_fields(hf: dict[str, Any]) -> tuple[dict | None, Any]:
     """(rope_scaling, rope_theta) from config.json, rope_scaling None for plain RoPE.
     transformers v5 writes `rope_parameters` instead of `rope_scaling`, with rope_theta inside
     it; a missing or null rope_theta is 10000."""
-    name = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    # An empty or null rope_scaling defers to rope_parameters; any other value is checked.
+    name = "rope_scaling" if hf.get("rope_scaling") not in (None, {}) else "rope_parameters"
     scaling = hf.get(name)
     theta = hf.get("rope_theta")
     if scaling is None:
@@ -280,8 +281,8 @@ class EngineConfig:
                                 "host memory (0..1)")
     block_size: int = _flag(16, "tokens per KV-cache block")
     gpu_kv_blocks: int | None = _flag(None, "device KV-cache blocks (default: sized from free "
-                                      "GPU memory, or from a fixed 1 GiB when the device is the "
-                                      "CPU)")
+                                      "GPU memory; on a CPU, from --gpu-memory-gb minus the "
+                                      "weights, else a fixed 1 GiB)")
     gpu_memory_gb: float | None = _flag(None, "cap on device memory for weights plus KV cache, in GiB, "
                                         "to emulate a smaller GPU (default: no cap)")
     cpu_kv_blocks: int | None = _flag(None, "host KV-cache blocks (default: from --cpu-kv-gb)")
@@ -293,7 +294,8 @@ class EngineConfig:
                                       "model's max_position_embeddings)")
     cpu_threads: int = _flag(1, "worker threads for CPU attention. Each layer's host work is "
                              "one task (two at once only when pipelining) whose torch ops get "
-                             "(torch threads - 1) // cpu_threads threads, so 1 gives it them all")
+                             "(torch threads - 1) // cpu_threads threads, so 1 gives it every one "
+                             "but the main thread's")
     compile_cpu_attention: bool = _flag(True, "torch.compile the CPU attention kernel (env "
                                         "APEX_MINI_EAGER_CPU_ATTENTION=1 forces eager)")
     cuda_graphs: bool = _flag(True, "capture the device part of decode steps in CUDA graphs")
@@ -358,8 +360,8 @@ class EngineConfig:
         most = mc.max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > most:
             raise ValueError(f"--max-model-len {self.max_model_len} is longer than the model's "
-                             f"context ({most} tokens, max_position_embeddings in its "
-                             "config.json); lower it or leave it out")
+                             f"context ({most} tokens, its max_position_embeddings); lower it or "
+                             "leave it out")
         return self.max_model_len or most
 
     @classmethod

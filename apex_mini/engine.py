@@ -115,10 +115,10 @@ class Engine:
         host = (host_blocks + (device_blocks if on_cpu else 0)) * per_block
         free = available_memory_bytes()
         if free is not None and host > free:
-            flags = "--gpu-kv-blocks (on a CPU that pool is host memory too), " if on_cpu else ""
+            flags = ["--gpu-kv-blocks (on a CPU that pool is host memory too)"] if on_cpu else []
+            flags += ["--cpu-kv-gb or --cpu-kv-blocks"] if self.policy_name != "gpu-only" else []
             raise ValueError(f"the KV pools need {host / 1e9:.1f} GB of host memory but "
-                             f"{free / 1e9:.1f} GB is available; lower {flags}--cpu-kv-gb or "
-                             "--cpu-kv-blocks")
+                             f"{free / 1e9:.1f} GB is available; lower {', '.join(flags)}")
         if not on_cpu:
             free, _ = torch.cuda.mem_get_info(self.device)
             if device_blocks * per_block > free:

@@ -366,7 +366,8 @@ def _summary(errors: list[float]) -> dict:
     if not errors:
         return {"n": 0, "median_rel_error": None, "p90_rel_error": None}
     ordered = sorted(errors)
-    p90 = ordered[-(-9 * len(ordered) // 10) - 1]     # nearest rank: 90% of errors are at most this
+    rank = (9 * len(ordered) + 9) // 10            # ceil(0.9 n) in integers: the nearest rank
+    p90 = ordered[rank - 1]                          # 90% of the errors are at most this
     return {"n": len(errors), "median_rel_error": statistics.median(ordered), "p90_rel_error": p90}
 
 

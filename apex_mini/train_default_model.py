@@ -198,12 +198,11 @@ def check_out_folder(path: str) -> None:
 
 def holds_our_checkpoint(folder: Path) -> bool:
     """Does `folder` hold a checkpoint as this script saves it, which a new run may replace:
-    model.safetensors, a config.json of model_type llama, and a README.md, if any, that is our
-    model card (a downloaded checkpoint's own README is not)?"""
-    readme = folder / "README.md"
+    model.safetensors, a config.json of model_type llama, and our model card as README.md (a
+    folder from `save_pretrained` or a download has none, or its own)?"""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        card = readme.read_text(encoding="utf-8") if readme.exists() else MODEL_CARD_TITLE
+        card = (folder / "README.md").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return ((folder / "model.safetensors").is_file() and isinstance(config, dict)

@@ -97,18 +97,18 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
     """'auto' -> the checkpoint's dtype (config.json's torch_dtype) on CUDA and float32 on CPU
     (CPU half-precision matmuls are slow and less exact). A bfloat16 checkpoint on a GPU without
-    native bf16 (before Ampere, e.g. the T4) runs in float16 instead. 'auto' with a torch_dtype
-    other than float32, bfloat16 or float16 is an error on every device, never a guess: pass
-    the dtype to use."""
+    native bf16 (before Ampere, e.g. the T4) runs in float16 instead. On CUDA, 'auto' with a
+    torch_dtype other than float32, bfloat16 or float16 is an error, never a guess: pass the
+    dtype to use."""
     key = name.strip().lower()
     if key == "auto":
+        if torch.device(device).type != "cuda":
+            return torch.float32
         checkpoint_dtype = _DTYPES.get(cfg.torch_dtype.strip().lower().removeprefix("torch."))
         if checkpoint_dtype is None:
             raise ValueError(f"config.json: torch_dtype={cfg.torch_dtype!r} is not float32, "
                              "bfloat16 or float16, so dtype auto cannot follow it; pass --dtype "
                              "float32, bfloat16 or float16")
-        if torch.device(device).type != "cuda":
-            return torch.float32
         if checkpoint_dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
             return torch.float16
         return checkpoint_dtype
@@ -203,7 +203,8 @@ def _read_header(path: Path) -> dict[str, tuple[list[int], int]]:
             itemsize = _ST_ITEMSIZE[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"bad header entry for {key!r}") from None
-        if not all(isinstance(n, int) and n >= 0 for n in (begin, end, *shape)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in (begin, end, *shape)):
             raise _corrupt(path, f"tensor {key!r} has data_offsets {[begin, end]!r} and shape "
                                  f"{shape!r}, which must hold integers >= 0")
         if end > data_bytes:

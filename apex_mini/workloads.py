@@ -155,7 +155,8 @@ def check_fits(specs: list[RequestSpec], max_model_len: int) -> None:
     if longest > max_model_len:
         raise ValueError(f"the longest request needs {longest} tokens but the model takes "
                          f"{max_model_len}; lower --length-scale (e.g. "
-                         f"{max_model_len / longest * 0.9:.2f}) or raise --max-model-len")
+                         f"{max_model_len / longest * 0.9:.2f}), or raise --max-model-len where it "
+                         "is set below the model's context")
 
 
 def describe(specs: list[RequestSpec]) -> dict:

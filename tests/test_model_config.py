@@ -37,6 +37,8 @@ def shipped_config(**changes) -> dict:
      "high_freq_factor=1.0 must be greater than low_freq_factor=1.0"),
     (dict(rope_scaling=[1, 2]), r"rope_scaling=\[1, 2\] must be an object"),
     (dict(rope_scaling="linear"), "rope_scaling='linear' must be an object"),
+    (dict(rope_scaling=False), "rope_scaling=False must be an object"),
+    (dict(rope_scaling=[]), r"rope_scaling=\[\] must be an object"),
     (dict(rope_parameters=5), "rope_parameters=5 must be an object"),
     (dict(rms_norm_eps="1e-5"), "rms_norm_eps='1e-5' must be a JSON number > 0"),
     (dict(rms_norm_eps=0), "rms_norm_eps=0 must be a JSON number > 0"),
@@ -75,6 +77,10 @@ def test_bad_field_names_file_and_field(changes, message):
      dict(rope_scaling={"type": "linear", "factor": 2})),
     (dict(rope_scaling=LLAMA3_SCALING), dict(rope_scaling=LLAMA3_SCALING)),
     (dict(rope_scaling={"rope_type": "default"}), dict(rope_scaling=None)),
+    (dict(rope_scaling={}), dict(rope_scaling=None)),
+    # a null rope_type defers to the older `type`, as in transformers
+    (dict(rope_scaling={"rope_type": None, "type": "linear", "factor": 2}),
+     dict(rope_scaling={"rope_type": None, "type": "linear", "factor": 2})),
     # transformers v5: rope_parameters, with rope_theta inside it
     (dict(rope_scaling=None, rope_theta=None,
           rope_parameters=dict(LLAMA3_SCALING, rope_theta=500000.0)),
@@ -128,4 +134,5 @@ def test_gpu_kv_blocks_help_tells_the_cpu_default():
     help_text = next(f.metadata["help"] for f in EngineConfig.__dataclass_fields__.values()
                      if f.name == "gpu_kv_blocks")
     assert CPU_DEVICE_KV_BYTES == 1 << 30
-    assert "free GPU memory" in help_text and "fixed 1 GiB when the device is the CPU" in help_text
+    assert "free GPU memory" in help_text and "on a CPU, from --gpu-memory-gb" in help_text
+    assert "else a fixed 1 GiB" in help_text

@@ -185,10 +185,11 @@ def test_out_must_be_a_writable_folder(case, train_cli, tmp_path):
     assert blocker.read_text() == "x"
 
 
-@pytest.mark.parametrize("case", ["readme", "config", "other-checkpoint"])
+@pytest.mark.parametrize("case", ["readme", "config", "other-checkpoint", "save-pretrained"])
 def test_out_with_files_of_another_kind_is_refused(case, train_cli, tmp_path):
-    """A folder holding a README.md or config.json (or a checkpoint this script did not write,
-    with its own README) is refused, and nothing in it is touched."""
+    """A folder holding a README.md or config.json (or a checkpoint this script did not write:
+    with its own README, or none, as `save_pretrained` leaves it) is refused, and nothing in it
+    is touched."""
     out = tmp_path / "project"
     out.mkdir()
     if case == "readme":
@@ -198,7 +199,8 @@ def test_out_with_files_of_another_kind_is_refused(case, train_cli, tmp_path):
     else:
         (out / "config.json").write_text('{"model_type": "llama"}')
         (out / "model.safetensors").write_bytes(b"weights")
-        (out / "README.md").write_text("---\nlicense: llama2\n---\n# Llama 2\n")
+        if case == "other-checkpoint":
+            (out / "README.md").write_text("---\nlicense: llama2\n---\n# Llama 2\n")
     before = snapshot(out)
     code, out_text, err = train_cli(["--quick", "--out", str(out)])
     assert code == 2 and out_text == ""

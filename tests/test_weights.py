@@ -315,14 +315,15 @@ def test_resolve_dtype_unknown():
         resolve_dtype("int8", MODEL_SHAPES["tiny"], CPU)
 
 
-@pytest.mark.parametrize("device", [CPU, torch.device("cuda")])
-def test_resolve_dtype_auto_rejects_an_unknown_torch_dtype(device):
-    """Never a guess (it once became float16 on CUDA); the error names the field and the fix."""
+def test_resolve_dtype_auto_rejects_an_unknown_torch_dtype_on_cuda():
+    """Never a guess (it once became float16 on CUDA); the error names the field and the fix.
+    On the CPU auto is float32 whatever the checkpoint says, as --dtype's help promises."""
     cfg = dataclasses.replace(MODEL_SHAPES["tiny"], torch_dtype="float8")
     with pytest.raises(ValueError, match="config.json: torch_dtype='float8' is not float32, "
                                          "bfloat16 or float16.*pass --dtype"):
-        resolve_dtype("auto", cfg, device)
-    assert resolve_dtype("float16", cfg, device) == torch.float16
+        resolve_dtype("auto", cfg, torch.device("cuda"))
+    assert resolve_dtype("float16", cfg, torch.device("cuda")) == torch.float16
+    assert resolve_dtype("auto", cfg, CPU) == torch.float32
 
 
 def test_resolve_dtype_auto_follows_the_checkpoint_on_cuda(monkeypatch):
