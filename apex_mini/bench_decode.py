@@ -42,6 +42,7 @@ from .config import EngineConfig, ModelConfig
 from .engine import Engine
 from .metrics import machine_info
 from .sampling import SamplingParams
+from .sequence import peak_kv_tokens
 from .weights import model_for, resolve_device
 
 BIG_SHAPES = ("llama2-7b", "llama2-13b", "llama3.1-8b")    # transformers on CPU: only if asked
@@ -283,7 +284,7 @@ def check_batches_run_whole(batches: list[int], cfg: EngineConfig, prompt_len: i
         raise ValueError(f"--batches {biggest} is more than --max-num-seqs {cfg.max_num_seqs} "
                          "requests running at once; raise --max-num-seqs or lower --batches")
     if cfg.gpu_kv_blocks is not None:
-        per_request = -(-(prompt_len + new_tokens - 1) // cfg.block_size)   # the last token: no KV
+        per_request = -(-peak_kv_tokens(prompt_len, new_tokens) // cfg.block_size)
         if biggest * per_request > cfg.gpu_kv_blocks:
             raise ValueError(f"batch {biggest} needs {biggest * per_request} KV blocks "
                              f"({per_request} per request) but --gpu-kv-blocks is "

@@ -40,6 +40,7 @@ from .cpu_attention import host_kernel
 from .engine import Engine
 from .metrics import machine_info
 from .sampling import SamplingParams
+from .sequence import peak_kv_tokens
 
 WARM_STEPS = 3          # decode steps run before recording (the first ones compile, on a CPU)
 
@@ -152,7 +153,7 @@ def record(engine: Engine, num_requests: int, prompt_len: int, steps: int, seed:
     return recorded
 
 
-def check_host_rows(cfg: EngineConfig, request_tokens: int) -> None:
+def check_host_rows(cfg: EngineConfig, prompt_len: int, new_tokens: int) -> None:
     """The static policy must be able to put requests in the host tier while others decode on
     the device, else no step has host rows to record."""
     if cfg.cpu_fraction == 0:
@@ -160,7 +161,7 @@ def check_host_rows(cfg: EngineConfig, request_tokens: int) -> None:
     if cfg.max_num_seqs < 2:
         raise ValueError(f"--max-num-seqs {cfg.max_num_seqs} runs one request at a time, never one "
                          "on each tier; give at least 2")
-    per_request = -(-(request_tokens - 1) // cfg.block_size)      # the last token: no KV
+    per_request = -(-peak_kv_tokens(prompt_len, new_tokens) // cfg.block_size)
     if cfg.cpu_kv_blocks is not None and cfg.cpu_kv_blocks < per_request:
         raise ValueError(f"--cpu-kv-blocks {cfg.cpu_kv_blocks} cannot hold one request's KV "
                          f"({per_request} blocks of --prompt-len and the decode steps), so none "
@@ -176,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     check_number(args.steps, "--steps", positive=True, whole=True)
     check_output_path(args.json, "--json")
     cfg = dataclasses.replace(EngineConfig.from_cli(args), policy="static")
-    need = args.prompt_len + tokens_per_request(args.num_requests, args.prompt_len, args.steps,
-                                                cfg.max_num_batched_tokens)
-    check_host_rows(cfg, need)
+    new_tokens = tokens_per_request(args.num_requests, args.prompt_len, args.steps,
+                                    cfg.max_num_batched_tokens)
+    need = args.prompt_len + new_tokens
+    check_host_rows(cfg, args.prompt_len, new_tokens)
     if cfg.max_model_len is not None and need > cfg.max_model_len:
         raise ValueError(f"--prompt-len {args.prompt_len} and the decode steps need {need} "
                          f"tokens, past --max-model-len {cfg.max_model_len}; lower --prompt-len "

@@ -26,7 +26,7 @@ import time
 
 from .kv_cache import BlockManager
 from .plan import Plan, Swap
-from .sequence import CPU, GPU, Sequence, Status
+from .sequence import CPU, GPU, Sequence, Status, peak_kv_tokens
 
 
 class Scheduler:
@@ -55,10 +55,10 @@ class Scheduler:
                        hint: str = "raise --gpu-kv-blocks/--cpu-kv-blocks or lower "
                                    "--max-new-tokens") -> None:
         """Raise ValueError unless a request's whole KV (prompt plus output, up to the model's
-        context) fits in one tier this policy uses: else it could never run. The last output
-        token is sampled, never fed back, so it takes no KV slot. `hint`: what to change, in the
-        caller's own words (a tool's flags)."""
-        need = max(prompt_len, min(prompt_len + max_tokens, self.max_model_len) - 1)
+        context) fits in one tier this policy uses: else it could never run (`peak_kv_tokens`:
+        the last output takes no KV slot). `hint`: what to change, in the caller's own words
+        (a tool's flags)."""
+        need = peak_kv_tokens(prompt_len, max_tokens, self.max_model_len)
         biggest = max(m.num_blocks for m in self.blocks.values() if self.usable(m))
         if self.blocks[GPU].blocks_needed(need) > biggest:
             raise ValueError(

@@ -17,6 +17,15 @@ class Status(enum.Enum):
 GPU, CPU = "gpu", "cpu"      # the two KV tiers
 
 
+def peak_kv_tokens(prompt_len: int, max_tokens: int, max_model_len: int | None = None) -> int:
+    """KV slots a request fills at its peak: its prompt and every output but the last (that one
+    is sampled, never fed back), and one under the context at most (the request stops there)."""
+    total = prompt_len + max_tokens
+    if max_model_len is not None:
+        total = min(total, max_model_len)
+    return max(prompt_len, total - 1)
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request. `token_ids` is prompt + output; `num_computed` of them have KV in the cache.
