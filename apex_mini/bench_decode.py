@@ -32,18 +32,17 @@ import datetime
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from .cli import (ArgumentParser, add_model_flags, check_output_path, check_threads, run_cli,
                   size_list, write_json)
-from .config import EngineConfig, ModelConfig
+from .config import EngineConfig
 from .engine import Engine
 from .metrics import machine_info
 from .sampling import SamplingParams
 from .sequence import peak_kv_tokens
-from .weights import model_for, resolve_device
+from .weights import config_for, model_for, resolve_device
 
 BIG_SHAPES = ("llama2-7b", "llama2-13b", "llama3.1-8b")    # transformers on CPU: only if asked
 # What --batches, --new-tokens and --repeats take when not given: a full run, or a --quick one.
@@ -250,13 +249,8 @@ def format_row(r: dict) -> str:
 def check_context(args, cfg: EngineConfig) -> None:
     """--prompt-len plus --new-tokens must fit the model's context (else the engine refuses the
     prompt, or stops generating short of N tokens), known from its config before it loads."""
-    from .config import DEFAULT_MODEL_DIR
-    from .weights import MODEL_SHAPES
-    if args.model_shape in MODEL_SHAPES:
-        mc = MODEL_SHAPES[args.model_shape]
-    elif Path(args.model or DEFAULT_MODEL_DIR, "config.json").is_file():
-        mc = ModelConfig.from_hf(args.model or DEFAULT_MODEL_DIR)
-    else:
+    mc = config_for(args.model, args.model_shape)
+    if mc is None:
         return                                   # model_for says what is missing
     context = cfg.context_length(mc)
     if args.prompt_len + args.new_tokens > context:

@@ -41,6 +41,7 @@ from .engine import Engine
 from .metrics import machine_info
 from .sampling import SamplingParams
 from .sequence import peak_kv_tokens
+from .weights import config_for
 
 WARM_STEPS = 3          # decode steps run before recording (the first ones compile, on a CPU)
 
@@ -181,15 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                                     cfg.max_num_batched_tokens)
     need = args.prompt_len + new_tokens
     check_host_rows(cfg, args.prompt_len, new_tokens)
-    if cfg.max_model_len is not None and need > cfg.max_model_len:
+    mc = config_for(args.model, args.model_shape)          # before the weights load
+    context = cfg.context_length(mc) if mc is not None else need
+    if need > context:
+        limit, fix = ((f"--max-model-len {context}", " or raise --max-model-len")
+                      if context < mc.max_position_embeddings else
+                      (f"the model's context of {context}", ""))
         raise ValueError(f"--prompt-len {args.prompt_len} and the decode steps need {need} "
-                         f"tokens, past --max-model-len {cfg.max_model_len}; lower --prompt-len "
-                         "or raise --max-model-len")
+                         f"tokens, past {limit}; lower --prompt-len{fix}")
     model, mc, model_info = build_model(args, cfg)
-    if need > mc.max_position_embeddings:
-        raise ValueError(f"--prompt-len {args.prompt_len} and the decode steps need {need} "
-                         f"tokens, past the model's context of {mc.max_position_embeddings}; "
-                         f"lower --prompt-len")
     engine = Engine(model, cfg, progress=False)
     try:
         recorded = record(engine, args.num_requests, args.prompt_len, args.steps, cfg.seed)

@@ -44,6 +44,16 @@ def _is_token_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def parse_eos_ids(value, where: str) -> tuple[int, ...]:
+    """An `eos_token_id` field (config.json's or generation_config.json's): one token id, a list
+    of them, or null (none). Anything else is a ValueError naming `where`, the file."""
+    ids = () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not all(_is_token_id(i) for i in ids):
+        raise ValueError(f"{where}: eos_token_id={value!r} must be a token id (an integer >= 0), "
+                         "a list of token ids, or null")
+    return ids
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a LLaMA-family model, with Hugging Face's field names."""
@@ -92,22 +102,14 @@ class ModelConfig:
         if not (self.bos_token_id is None or _is_token_id(self.bos_token_id)):
             raise ValueError(f"config.json: bos_token_id={self.bos_token_id!r} must be a token id "
                              "(an integer >= 0) or null")
-        eos = self.eos_token_id
-        if not (eos is None or _is_token_id(eos)
-                or isinstance(eos, (list, tuple)) and all(_is_token_id(i) for i in eos)):
-            raise ValueError(f"config.json: eos_token_id={eos!r} must be a token id (an integer "
-                             ">= 0), a list of token ids, or null")
+        parse_eos_ids(self.eos_token_id, "config.json")
         if not isinstance(self.torch_dtype, str):
             raise ValueError(f"config.json: torch_dtype={self.torch_dtype!r} must be a dtype "
                              'name such as "bfloat16"')
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        if self.eos_token_id is None:
-            return ()
-        if isinstance(self.eos_token_id, int):
-            return (self.eos_token_id,)
-        return tuple(self.eos_token_id)
+        return parse_eos_ids(self.eos_token_id, "config.json")
 
     def kv_bytes_per_token(self, itemsize: int) -> int:
         """KV bytes one token takes across all layers."""

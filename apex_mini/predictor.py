@@ -159,6 +159,7 @@ class Predictor:
         # Share of the linear work before attention (QKV) vs after it (O + MLP), by weight bytes.
         self.pre_share = qkv / (qkv + h * d * hidden + 3 * hidden * inter) if hidden > 1 else 0.3
         self.up_share = h / (h + 2 * kvh)                  # output row bytes / q+k+v row bytes
+        self.kv_share = 1.0 - self.up_share                # k+v bytes / q+k+v row bytes
 
     # ---------------------------------------------------------------- pieces
 
@@ -190,7 +191,7 @@ class Predictor:
         row = self.tables.bytes_per_token_row
         # A decode row sends q, k and v down; a host prefill row only k and v (its attention
         # runs on the device).
-        down = interp1(self.tables.d2h, (n_cpu + host_prefill * (1.0 - self.up_share)) * row)
+        down = interp1(self.tables.d2h, (n_cpu + host_prefill * self.kv_share) * row)
         up = interp1(self.tables.h2d, n_cpu * row * self.up_share) if n_cpu else 0.0
         return down, job, up
 
@@ -200,7 +201,7 @@ class Predictor:
         (`runner._prior_kv`; the gather on the host before it is not priced)."""
         if self.on_cpu or not shape.host_prefill_prefix:
             return 0.0
-        kv_row = self.tables.bytes_per_token_row * (1.0 - self.up_share)     # k + v bytes
+        kv_row = self.tables.bytes_per_token_row * self.kv_share
         return interp1(self.tables.h2d, shape.host_prefill_prefix * kv_row)
 
     def _per_iteration(self, shape: BatchShape, split: int = 0) -> dict[str, float]:

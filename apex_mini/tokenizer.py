@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from .config import parse_eos_ids
+
 
 def _read_json(path: Path) -> dict:
     """The JSON object in `path`, or {} when there is no such file."""
@@ -24,16 +26,6 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{str(path)!r} holds a JSON {type(data).__name__}, not an object of "
                          "fields; re-save the checkpoint")
     return data
-
-
-def _eos_ids(path: Path) -> list[int]:
-    """The eos_token_id of a JSON config file: one id, a list of ids, or none (absent or null)."""
-    value = _read_json(path).get("eos_token_id")
-    ids = [] if value is None else value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ValueError(f"{str(path)!r}: eos_token_id={value!r} must be a token id (an integer "
-                         ">= 0), a list of token ids, or null")
-    return ids
 
 
 def _token_text(value) -> str | None:
@@ -60,8 +52,8 @@ class Tokenizer:
         folder's config.json and generation_config.json are merged in, with `eos_ids`."""
         root = Path(model_dir)
         extra = list(eos_ids)
-        for name in ("generation_config.json", "config.json"):
-            extra += _eos_ids(root / name)
+        for path in (root / "generation_config.json", root / "config.json"):
+            extra += parse_eos_ids(_read_json(path).get("eos_token_id"), repr(str(path)))
         spm_file, json_file = root / "tokenizer.model", root / "tokenizer.json"
         if spm_file.is_file():
             try:
@@ -110,9 +102,9 @@ class StreamDecoder:
     Without `prompt_ids` the deltas join to exactly `decode(generated ids)` (so the first
     token loses its leading space, as there) whenever those ids decode to valid UTF-8. (Where
     a model samples byte tokens that do not, a tokenizer.json whose decoder replaces a whole
-    invalid byte run may also replace bytes the stream has already printed.) With them, the last few prompt ids serve as
-    context and the deltas are the text that continues the printed prompt (" world" after
-    "Hello").
+    invalid byte run may also replace bytes the stream has already printed.) With them, the
+    last few prompt ids serve as context and the deltas are the text that continues the printed
+    prompt (" world" after "Hello").
     """
 
     CONTEXT = 6   # prompt ids kept as context: enough to cover one multi-byte character

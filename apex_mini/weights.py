@@ -316,6 +316,17 @@ def load_model(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.d
     return _finish(model)
 
 
+def config_for(model_dir: str | None, shape: str | None) -> ModelConfig | None:
+    """The ModelConfig `model_for` would load, read before any weights are (a tool checks its
+    flags against it first); None where there is none to read (`model_for` says why)."""
+    from .config import DEFAULT_MODEL_DIR
+    if shape in MODEL_SHAPES:
+        return MODEL_SHAPES[shape]
+    if Path(model_dir or DEFAULT_MODEL_DIR, "config.json").is_file():
+        return ModelConfig.from_hf(model_dir or DEFAULT_MODEL_DIR)
+    return None
+
+
 def model_for(model_dir: str | None, shape: str | None, dtype_name: str, device: torch.device,
               seed: int = 0) -> tuple[LlamaForCausalLM, str]:
     """(model, a name for it) from a checkpoint folder or, for `shape`, random weights of a
