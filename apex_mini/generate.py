@@ -96,19 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     params = sampling_params(args)
     labelled = read_prompts(args)
     llm = LLM(args.model, **vars(EngineConfig.from_cli(args)))
+    prompts, token_ids = [text for _, text in labelled], []
     for where, text in labelled:             # each named as the user gave it, before any runs
-        llm.engine.check_request(llm.encode(text, where), params, where)
-    prompts = [text for _, text in labelled]
+        token_ids.append(llm.encode(text, where))
+        llm.engine.check_request(token_ids[-1], params, where)
     start = time.perf_counter()
     if len(prompts) == 1:
         print(prompts[0], end="", flush=True)
         n_tokens = 0
-        for token, piece in llm.stream(prompts[0], params):
+        for token, piece in llm.stream(token_ids[0], params):
             n_tokens += token is not None
             print(piece, end="", flush=True)
         print()
     else:
-        outs = llm.generate(prompts, params, use_tqdm=True)
+        outs = llm.generate(token_ids, params, use_tqdm=True)
         for prompt, out in zip(prompts, outs):
             print(f"--- {prompt}{out.text}")
         n_tokens = sum(len(o.token_ids) for o in outs)
