@@ -341,11 +341,17 @@ class Predictor:
         `predicted_s`, made before the iteration ran, when it has one; else this predictor's now.
         `tables_only` scores the profile's tables without the feedback correction. A record
         whose measured time is not a finite positive number, or whose prediction is not finite,
-        is skipped: one NaN or inf would poison every statistic."""
+        is skipped: one NaN or inf would poison every statistic. An iteration that captured a
+        CUDA graph (`captured_graph`) is counted apart, under `graph_captures`: its time is a
+        one-time cost no table predicts (a capture took 8 to 13x a replay on an H200)."""
         errors: dict[str, list[float]] = {}
         tables_only: list[float] = []
+        captures: list[float] = []
         for r in records:
             if not (math.isfinite(r.measured_s) and r.measured_s > 0):
+                continue
+            if getattr(r, "captured_graph", False):
+                captures.append(r.measured_s)
                 continue
             shape = getattr(r, "shape", None) or BatchShape.from_plan(r.plan)
             predicted, b = self.scored(shape, r.plan)
@@ -360,6 +366,7 @@ class Predictor:
         report = _summary(everything)
         report["by_strategy"] = {name: _summary(errs) for name, errs in sorted(errors.items())}
         report["tables_only"] = _summary(tables_only)
+        report["graph_captures"] = {"n": len(captures), "measured_s": sum(captures)}
         return report
 
 

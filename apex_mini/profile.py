@@ -130,7 +130,7 @@ def _decision(record, predictor) -> dict:
             "path": predictor.path(record.shape, record.plan.strategy),
             "predicted_ms": round(predicted * 1e3, 3), "table_ms": round(b["table_s"] * 1e3, 3),
             "measured_ms": round(record.measured_s * 1e3, 3),
-            "reason": record.plan.reason}
+            "reason": record.plan.reason, "captured_graph": record.captured_graph}
 
 
 def format_report(report: dict, show: int = 8) -> str:
@@ -146,14 +146,19 @@ def format_report(report: dict, show: int = 8) -> str:
     if tables and tables["n"]:
         lines.append(f"{'(tables only, no feedback)':27s} {pct(tables['median_rel_error']):>5s} "
                      f"{pct(tables['p90_rel_error']):>8s}")
+    captures = report.get("graph_captures")
+    if captures and captures["n"]:
+        lines.append(f"not scored: {captures['n']} iterations that captured a CUDA graph "
+                     f"({1e3 * captures['measured_s']:.0f} ms in all; a one-time cost)")
     if report.get("feedback"):
         lines.append(f"feedback correction at the end: x{report['feedback']:.2f}")
     if show and report.get("decisions"):
         lines += ["", f"apex's first {min(show, len(report['decisions']))} decisions "
                       "(predicted / measured, ms):"]
         for d in report["decisions"][:show]:
+            captured = " (captured a CUDA graph)" if d.get("captured_graph") else ""
             lines.append(f"  {d['predicted_ms']:8.2f} / {d['measured_ms']:8.2f}  {d['plan']}  "
-                         f"[{d['reason']}]")
+                         f"[{d['reason']}]{captured}")
     return "\n".join(lines)
 
 

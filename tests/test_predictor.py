@@ -8,6 +8,7 @@ import dataclasses
 
 import json
 import random
+import time
 import types
 from pathlib import Path
 
@@ -608,3 +609,58 @@ def test_error_report_skips_non_finite_times():
     assert report["n"] == report["tables_only"]["n"] == 1
     assert report["median_rel_error"] == pytest.approx(0.25)
     assert report["by_strategy"]["gpu-only"]["p90_rel_error"] == pytest.approx(0.25)
+
+
+class CapturingGraphs:
+    """Stands in for CudaGraphDecoder on the CPU: the first step of each decode shape
+    'captures' (takes CAPTURE_S more), then every step runs the decode step as a replay would."""
+    CAPTURE_S = 0.15
+
+    def __init__(self, step):
+        self.step, self.captured = step, set()
+
+    def run(self, inputs):
+        if inputs.key not in self.captured:
+            self.captured.add(inputs.key)
+            time.sleep(self.CAPTURE_S)
+        return self.step(inputs)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.captured)
+
+
+def test_an_iteration_that_captures_a_graph_is_neither_learned_from_nor_scored(monkeypatch,
+                                                                               tmp_path):
+    """On an H200 a decode step that captured a CUDA graph took 60 to 100 ms against 7 to 8 a
+    replay: 20 such steps made the report's p90 error 89%, and the feedback, taking two in a
+    row for the machine's pace, predicted the next steps 3x to 12x too slow. Such a step is
+    recorded as `captured_graph`, never reaches the feedback, and is counted apart."""
+    from apex_mini.engine import Engine
+    from apex_mini.sampling import SamplingParams
+    from apex_mini.weights import random_model
+    fake_profiling(monkeypatch, tmp_path)
+    model = random_model("tiny", torch.float32, "cpu")
+    cfg = EngineConfig(device="cpu", dtype="float32", policy="apex", gpu_kv_blocks=64,
+                       cpu_kv_blocks=64)
+    engine = Engine(model, cfg)
+    engine.runner.graphs = CapturingGraphs(engine.runner.decode_step)
+    observed = []
+    monkeypatch.setattr(engine.predictor, "observe", lambda *args: observed.append(args[2]))
+    try:
+        for n in (3, 5, 9):                       # decodes of 3, then 2, then 1 request
+            engine.add_request(list(range(3, 3 + 4 * n)),
+                               SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        while engine.has_work():
+            engine.step()
+    finally:
+        engine.close()
+    captured = [r for r in engine.records if r.captured_graph]
+    assert len(captured) == engine.runner.graphs.num_graphs >= 2
+    assert all(r.measured_s >= CapturingGraphs.CAPTURE_S for r in captured)
+    assert sorted(observed) == sorted(r.measured_s for r in engine.records if not r.captured_graph)
+    report = engine.predictor.error_report(engine.records)
+    assert report["graph_captures"]["n"] == len(captured)
+    assert report["graph_captures"]["measured_s"] == pytest.approx(
+        sum(r.measured_s for r in captured))
+    assert report["n"] == report["tables_only"]["n"] == len(engine.records) - len(captured)
