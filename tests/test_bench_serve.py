@@ -121,3 +121,26 @@ def test_counts_cover_every_iteration_past_max_records(tmp_path, monkeypatch):
     for name, row in rows.items():
         assert row["iterations"] == taken[name], name
     assert rows["apex"]["predictor_error"]["n"] == taken["apex"]
+
+
+def test_the_warm_up_runs_the_workloads_own_first_requests(monkeypatch):
+    """Each engine warms up on the workload's first requests (at most as many as it runs at
+    once), all at t = 0 with a few outputs each, so the timed run's prefill sizes and its
+    largest decode batch are not first seen while timed (two tiny requests left the first
+    policy's first prefill 15x slower on an H200)."""
+    import types
+
+    from apex_mini import bench_serve
+    from apex_mini.config import EngineConfig
+    from apex_mini.workloads import RequestSpec
+    seen = {}
+    monkeypatch.setattr(bench_serve, "run_policy",
+                        lambda engine, specs, prompts, progress: seen.update(specs=specs,
+                                                                             prompts=prompts))
+    engine = types.SimpleNamespace(cfg=EngineConfig(max_num_seqs=3))
+    specs = [RequestSpec(0.5 * i, 10 + i, 2 + i) for i in range(5)]
+    prompts = [[7 + i] * (10 + i) for i in range(5)]
+    bench_serve.warm_up(engine, specs, prompts)
+    assert seen["prompts"] == prompts[:3]
+    assert [(s.arrival_s, s.prompt_len, s.output_len) for s in seen["specs"]] == [
+        (0.0, 10, 2), (0.0, 11, 3), (0.0, 12, bench_serve.WARMUP_TOKENS)]
