@@ -18,6 +18,8 @@ Each checkpoint is what `LlamaForCausalLM(config).save_pretrained(dir)` from tra
 
 Helpers for end-to-end runs: `mixed_prompts()` (six token-id prompts of different lengths)
 and `run_greedy(path, prompts, params, ...)` -> (output token lists, the closed engine).
+`CapturingGraphs(step)` stands in for CUDA graphs on the CPU (set as `engine.runner.graphs`):
+each decode shape's first step is slower, as a capture is.
 
 Fixtures (all session-scoped; treat the folders as read-only, copy them to modify):
     hf_checkpoint(kind) -> Path      factory over the kinds above
@@ -33,6 +35,7 @@ import io
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -203,6 +206,25 @@ def run_greedy(path, prompts, params, predictor=None, fast: bool = True, device:
 
 
 # ------------------------------------------------------------------------------ reporting
+
+class CapturingGraphs:
+    """Stands in for CudaGraphDecoder on the CPU: the first step of each decode shape
+    'captures' (takes CAPTURE_S more), then every step runs the decode step as a replay would."""
+    CAPTURE_S = 0.15
+
+    def __init__(self, step):
+        self.step, self.captured = step, set()
+
+    def run(self, inputs):
+        if inputs.key not in self.captured:
+            self.captured.add(inputs.key)
+            time.sleep(self.CAPTURE_S)
+        return self.step(inputs)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self.captured)
+
 
 def pytest_terminal_summary(terminalreporter):
     """One line to grab for docs, after every test ran: test_parity's max |logit difference|

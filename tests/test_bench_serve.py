@@ -144,3 +144,27 @@ def test_the_warm_up_runs_the_workloads_own_first_requests(monkeypatch):
     assert seen["prompts"] == prompts[:3]
     assert [(s.arrival_s, s.prompt_len, s.output_len) for s in seen["specs"]] == [
         (0.0, 10, 2), (0.0, 11, 3), (0.0, 12, bench_serve.WARMUP_TOKENS)]
+
+
+def test_each_run_counts_the_cuda_graphs_it_captured_while_timed():
+    """A run's row says how many of its timed iterations captured a CUDA graph (one-time costs
+    that each policy's fresh engine pays again); here with the CPU stand-in for graphs."""
+    import torch
+    from conftest import CapturingGraphs
+
+    from apex_mini import bench_serve, workloads
+    from apex_mini.config import EngineConfig
+    from apex_mini.engine import Engine
+    from apex_mini.weights import random_model
+    model = random_model("tiny", torch.float32, "cpu")
+    engine = Engine(model, EngineConfig(device="cpu", dtype="float32", policy="gpu-only",
+                                        gpu_kv_blocks=64), progress=False)
+    engine.runner.graphs = graphs = CapturingGraphs(engine.runner.decode_step)
+    graphs.CAPTURE_S = 0.0                                   # this engine's: count, no wait
+    specs = [workloads.RequestSpec(0.0, 6 + i, 2 + 3 * i) for i in range(3)]
+    try:
+        row = bench_serve.run_policy(engine, specs, workloads.prompt_token_ids(specs, 100, 0),
+                                     False)
+    finally:
+        engine.close()
+    assert row["graph_captures"] == engine.runner.graphs.num_graphs >= 2    # batches 3, 2, 1

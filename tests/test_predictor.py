@@ -8,12 +8,12 @@ import dataclasses
 
 import json
 import random
-import time
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import CapturingGraphs
 
 from apex_mini import profiler
 from apex_mini.config import EngineConfig
@@ -609,25 +609,6 @@ def test_error_report_skips_non_finite_times():
     assert report["n"] == report["tables_only"]["n"] == 1
     assert report["median_rel_error"] == pytest.approx(0.25)
     assert report["by_strategy"]["gpu-only"]["p90_rel_error"] == pytest.approx(0.25)
-
-
-class CapturingGraphs:
-    """Stands in for CudaGraphDecoder on the CPU: the first step of each decode shape
-    'captures' (takes CAPTURE_S more), then every step runs the decode step as a replay would."""
-    CAPTURE_S = 0.15
-
-    def __init__(self, step):
-        self.step, self.captured = step, set()
-
-    def run(self, inputs):
-        if inputs.key not in self.captured:
-            self.captured.add(inputs.key)
-            time.sleep(self.CAPTURE_S)
-        return self.step(inputs)
-
-    @property
-    def num_graphs(self) -> int:
-        return len(self.captured)
 
 
 def test_an_iteration_that_captures_a_graph_is_neither_learned_from_nor_scored(monkeypatch,
