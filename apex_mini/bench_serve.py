@@ -37,7 +37,7 @@ from .sampling import SamplingParams
 from .simulate import check_trace_arg
 from .weights import model_for, resolve_device
 
-WARMUP_TOKENS = 4       # outputs per warm-up request (its prompt is the workload's own)
+WARMUP_TOKENS = 4       # outputs of the first warm-up request, one more for each next one
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    ">= 1 (default: torch's own choice); 1 avoids thread contention on a busy "
                    "machine")
     p.add_argument("--no-warmup", action="store_true", help="skip each engine's untimed "
-                   "warm-up: the workload's first requests, all at once, 4 tokens each "
+                   "warm-up: the workload's first requests, all at once, a few tokens each "
                    "(default: off)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per policy, the policies taking turns (gpu-only, static, ..., "
@@ -114,16 +114,19 @@ def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
 
 
 def warm_up(engine: Engine, specs, prompts) -> None:
-    """The workload's first requests (as many as the engine runs at once), all at t = 0 with
-    WARMUP_TOKENS outputs each, untimed: the timed run's prefill sizes and its largest decode
-    batch meet kernels already loaded and chosen. Two tiny requests did not: on an H200
+    """The workload's first requests (as many as the engine runs at once), all at t = 0, the
+    i-th cut to WARMUP_TOKENS + i outputs, untimed: the timed run's prefill sizes meet kernels
+    already loaded and chosen, and as the requests finish one by one the decode batch passes
+    every size the timed run can have, so their CUDA graphs are captured here (the block-table
+    widths of its longer contexts are still first met while timed: each run's `graph_captures`
+    counts them). Two tiny requests did none of this: on an H200
     (Llama-2-7B, 2026-12-04) the first policy's timed prefill of 370 tokens took 0.78 s, the
     next policies' 0.05 s, and gpu-only, timed first, came out 0.58x neo with the same plans.
     The engine compiled its host kernel when it was built (`cpu_attention.precompile`; before
     that, `static`'s first timed run here served 0.5x its later rounds' tokens/s)."""
     n = min(len(specs), engine.cfg.max_num_seqs)
-    warm = [dataclasses.replace(s, arrival_s=0.0, output_len=min(s.output_len, WARMUP_TOKENS))
-            for s in specs[:n]]
+    warm = [dataclasses.replace(s, arrival_s=0.0, output_len=min(s.output_len, WARMUP_TOKENS + i))
+            for i, s in enumerate(specs[:n])]
     run_policy(engine, warm, prompts[:n], False)
 
 

@@ -125,9 +125,9 @@ def test_counts_cover_every_iteration_past_max_records(tmp_path, monkeypatch):
 
 def test_the_warm_up_runs_the_workloads_own_first_requests(monkeypatch):
     """Each engine warms up on the workload's first requests (at most as many as it runs at
-    once), all at t = 0 with a few outputs each, so the timed run's prefill sizes and its
-    largest decode batch are not first seen while timed (two tiny requests left the first
-    policy's first prefill 15x slower on an H200)."""
+    once), all at t = 0, each with one output more than the one before (at most its own), so
+    the timed run's prefill sizes and every decode batch size are not first seen while timed
+    (two tiny requests left the first policy's first prefill 15x slower on an H200)."""
     import types
 
     from apex_mini import bench_serve
@@ -138,12 +138,13 @@ def test_the_warm_up_runs_the_workloads_own_first_requests(monkeypatch):
                         lambda engine, specs, prompts, progress: seen.update(specs=specs,
                                                                              prompts=prompts))
     engine = types.SimpleNamespace(cfg=EngineConfig(max_num_seqs=3))
-    specs = [RequestSpec(0.5 * i, 10 + i, 2 + i) for i in range(5)]
+    specs = [RequestSpec(0.5 * i, 10 + i, out) for i, out in enumerate((50, 2, 50, 50, 50))]
     prompts = [[7 + i] * (10 + i) for i in range(5)]
     bench_serve.warm_up(engine, specs, prompts)
     assert seen["prompts"] == prompts[:3]
+    first = bench_serve.WARMUP_TOKENS
     assert [(s.arrival_s, s.prompt_len, s.output_len) for s in seen["specs"]] == [
-        (0.0, 10, 2), (0.0, 11, 3), (0.0, 12, bench_serve.WARMUP_TOKENS)]
+        (0.0, 10, first), (0.0, 11, 2), (0.0, 12, first + 2)]
 
 
 def test_each_run_counts_the_cuda_graphs_it_captured_while_timed():
