@@ -10,7 +10,11 @@ Tables (x values ascending; times are per decoder layer unless said otherwise):
     prefill_attn      [prompt tokens]          -> causal attention of one prompt chunk
     gpu_decode_attn   [n_seqs, total KV tokens] -> device decode attention (a 2-D grid)
     cpu_decode_attn   [n_seqs, total KV tokens] -> host decode attention (a 2-D grid)
-    d2h, h2d          [bytes]                  -> one copy between device and host
+    d2h, h2d          [bytes]                  -> one copy of whole KV blocks between the
+                                                  tiers (a swap)
+    rows_d2h,         [bytes]                  -> one layer's copies of host rows: q, k and v
+    rows_h2d                                      down, the attention output up (measured only:
+                                                  without them, d2h and h2d price these too)
     lm_head           [rows]                   -> final norm + LM head + sampling (whole model)
     overhead          scalar                   -> fixed per-iteration cost (scheduling, launch)
     decode_iteration  [n_seqs, total KV tokens] -> a whole decode-only, device-only iteration
@@ -47,6 +51,8 @@ class Profile:
     kv_block_bytes: int = 0            # one KV block, all layers, k and v: what a swap copies
     host_job_s: float = 0.0            # per layer: hand host rows to the CPU worker and join
     decode_iteration: list[list[float]] = field(default_factory=list)  # [[n_seqs, kv_tokens, s], ...]
+    rows_d2h: list[list[float]] = field(default_factory=list)         # [[bytes, s], ...]
+    rows_h2d: list[list[float]] = field(default_factory=list)         # [[bytes, s], ...]
 
     def to_json(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

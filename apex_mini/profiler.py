@@ -6,6 +6,9 @@
     gpu_decode_attn   paged decode attention on the device, vs (sequences, KV rows read)
     cpu_decode_attn   the host kernel (append K/V + paged decode attention), timed on the worker
     d2h, h2d          `copy_blocks` between the tiers, vs bytes
+    rows_d2h,         one layer's copies of host rows as the runner makes them: q, k and v
+    rows_h2d          down until the worker may read them, the output up until the compute
+                      stream may use it, vs bytes
     lm_head           final norm + LM head + argmax + the host sync (whole model), vs rows
     host_job_s        one round trip to the CPU worker thread
     decode_iteration  whole decode-only iterations through a real `ModelRunner.execute` (the
@@ -44,6 +47,8 @@ from .kv_cache import KVPool, copy_blocks
 from .metrics import host_cpu_name
 from .plan import Plan, Strategy
 from .predictor import Predictor
+from .runner import copy_to_device, copy_to_host, pin_for_upload
+from .streams import Streams, wait_event
 
 
 @dataclass(frozen=True)
@@ -295,7 +300,6 @@ class Profiler:
         return run
 
     def _copy(self, blocks: int, down: bool):
-        from .streams import Streams
         mc = self.mc
         streams = Streams(self.device)
         shape = (1, blocks, self.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype)
@@ -308,6 +312,34 @@ class Profiler:
             timer = Timer(self.device)
             timer(copy_blocks, src, ids, dst, ids, streams)
             return timer.total()
+        return run
+
+    def _rows_copy(self, rows: int, down: bool):
+        """One layer's copies of `rows` host rows, through the runner's own functions: q, k and
+        v down, or the attention output up (pinned on the worker first, as there)."""
+        mc, streams = self.mc, Streams(self.device)
+        D, H, KVH = mc.head_dim, mc.num_attention_heads, mc.num_key_value_heads
+        if down:
+            parts = [self._randn(rows, n, D) for n in (KVH, KVH, H)]   # k, v, q: [rows, n, D]
+        else:
+            out = self._randn(rows, H, D, device="cpu")                # [rows, H, D]
+
+        def run():
+            if streams.is_cuda:
+                torch.cuda.synchronize(self.device)      # an idle device: the copies alone
+            t0 = time.perf_counter()
+            if down:
+                with streams.on_copy():
+                    moved = [copy_to_host(t, streams) for t in parts]
+                    arrived = streams.record(streams.copy)
+                wait_event(arrived)                      # where the worker waits
+            else:
+                moved = copy_to_device(pin_for_upload(out, streams), self.device, streams)
+                if streams.is_cuda:
+                    torch.cuda.current_stream(self.device).synchronize()
+            elapsed = time.perf_counter() - t0
+            del moved                                    # (held until the copies were done)
+            return elapsed
         return run
 
     def _lm_head(self, rows: int):
@@ -328,6 +360,9 @@ class Profiler:
         one_block = KVPool.bytes_per_block(1, bs, self.mc.num_key_value_heads, self.mc.head_dim,
                                            self.dtype)
         decode = [(n, kv) for n in grid.seqs for kv in grid.kv if kv % (n * bs) == 0]
+        mc, size = self.mc, self.dtype.itemsize
+        row = (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim * size  # q+k+v
+        up_row = mc.num_attention_heads * mc.head_dim * size                              # out
         points = (
             [("linear", (t,), self._linear, (t,)) for t in grid.tokens]
             + [("prefill_attn", (n,), self._prefill, (n,)) for n in grid.prompts]
@@ -335,6 +370,8 @@ class Profiler:
             + [("cpu_decode_attn", d, self._cpu_decode, (*d, worker)) for d in decode]
             + [("d2h", (b * one_block,), self._copy, (b, True)) for b in grid.blocks]
             + [("h2d", (b * one_block,), self._copy, (b, False)) for b in grid.blocks]
+            + [("rows_d2h", (r * row,), self._rows_copy, (r, True)) for r in grid.rows]
+            + [("rows_h2d", (r * up_row,), self._rows_copy, (r, False)) for r in grid.rows]
             + [("lm_head", (r,), self._lm_head, (r,)) for r in grid.rows]
             + [("host_job", (), self._host_job, (worker,))])
         tables: dict[str, list] = {}
@@ -365,15 +402,14 @@ class Profiler:
                     tables.setdefault(name, []).append([*x, typical(ts)])
         finally:
             worker.close()
-        mc = self.mc
         return Profile(
             key=profile_key(mc, self.dtype, self.device, bs, self.cpu_threads, self.compiled),
             num_layers=mc.num_hidden_layers,
             linear=tables["linear"], prefill_attn=tables["prefill_attn"],
             gpu_decode_attn=tables["gpu_decode_attn"], cpu_decode_attn=tables["cpu_decode_attn"],
             d2h=tables["d2h"], h2d=tables["h2d"], lm_head=tables["lm_head"],
-            bytes_per_token_row=(mc.num_attention_heads + 2 * mc.num_key_value_heads)
-            * mc.head_dim * self.dtype.itemsize,
+            rows_d2h=tables["rows_d2h"], rows_h2d=tables["rows_h2d"],
+            bytes_per_token_row=row,
             kv_block_bytes=one_block * mc.num_hidden_layers,
             host_job_s=tables["host_job"][0][0],
             source="measured")

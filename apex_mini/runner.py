@@ -199,7 +199,7 @@ class ModelRunner:
         ready = s.record()
         with s.on_copy():
             s.copy_waits_for(ready)
-            down = [_to_host(t, s) for t in (k_rows, v_rows, q_rows)]
+            down = [copy_to_host(t, s) for t in (k_rows, v_rows, q_rows)]
             arrived = s.record(s.copy)
         self._stamp("launch", layer_idx)
         return self.worker.submit(self._host_attention, layer_idx, arrived, *down, batch)
@@ -215,8 +215,7 @@ class ModelRunner:
         if g is not None:
             out = host_attend(q_rows, k_cache, v_cache, g.host_tables, self.scale,
                               compiled=self.compile_cpu_attention)
-            if self.streams.pin:
-                out = out.pin_memory()
+            out = pin_for_upload(out, self.streams)
         self._stamp("cpu_end", layer_idx)
         return out
 
@@ -227,14 +226,7 @@ class ModelRunner:
         g = batch.cpu_decode
         if host_out is None:
             return
-        s = self.streams
-        with s.on_copy():
-            up = host_out.to(self.device, non_blocking=s.is_cuda)   # [Bc, H, D]
-            arrived = s.record(s.copy)
-        s.compute_waits_for(arrived)
-        if s.is_cuda:      # made on the copy stream, read on the compute one: not reused before
-            up.record_stream(torch.cuda.current_stream(self.device))
-        out[g.rows] = up
+        out[g.rows] = copy_to_device(host_out, self.device, self.streams)   # [Bc, H, D]
 
     # ------------------------------------------------------------------ the timeline
 
@@ -270,13 +262,34 @@ class ModelRunner:
         self._anchor, self._gpu_stamps = None, []
 
 
-def _to_host(t: torch.Tensor | None, s: Streams) -> torch.Tensor | None:
+# The host rows' copies, one layer's: down before the worker attends, up after. (The profiler
+# times these same functions for the predictor: `Profile.rows_d2h`, `rows_h2d`.)
+
+def copy_to_host(t: torch.Tensor | None, s: Streams) -> torch.Tensor | None:
+    """Queue a copy of device rows into pinned host memory; call on the copy stream, after it
+    waits for the rows to be written. No-op for host tensors (the "device" is the CPU)."""
     if t is None or t.device.type == "cpu":
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=s.pin)
     host.copy_(t, non_blocking=True)
     t.record_stream(s.copy)                # t was made on the compute stream, read on the copy one
     return host
+
+
+def pin_for_upload(t: torch.Tensor, s: Streams) -> torch.Tensor:
+    """On the worker: its output rows into pinned memory, so the copy up can be asynchronous."""
+    return t.pin_memory() if s.pin else t
+
+
+def copy_to_device(t: torch.Tensor, device: torch.device, s: Streams) -> torch.Tensor:
+    """Host rows to the device on the copy stream; the compute stream waits for them."""
+    with s.on_copy():
+        up = t.to(device, non_blocking=s.is_cuda)
+        arrived = s.record(s.copy)
+    s.compute_waits_for(arrived)
+    if s.is_cuda:          # made on the copy stream, read on the compute one: not reused before
+        up.record_stream(torch.cuda.current_stream(device))
+    return up
 
 
 def split_for_pipeline(plan: Plan) -> list[Plan]:
