@@ -34,10 +34,10 @@ from .config import EngineConfig
 from .cpu_attention import host_kernel
 from .engine import Engine
 from .sampling import SamplingParams
+from .sequence import Status
 from .simulate import check_trace_arg
 from .weights import model_for, resolve_device
 
-WARMUP_TOKENS = 4       # outputs of the first warm-up request, one more for each next one
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    ">= 1 (default: torch's own choice); 1 avoids thread contention on a busy "
                    "machine")
     p.add_argument("--no-warmup", action="store_true", help="skip each engine's untimed "
-                   "warm-up: the workload's first requests, all at once, a few tokens each "
-                   "(default: off)")
+                   "warm-up: the workload's first requests, all at once, through every decode "
+                   "batch size (default: off)")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per policy, the policies taking turns (gpu-only, static, ..., "
                         "gpu-only, ...); each row is the median run, x gpu-only the median of "
@@ -105,7 +105,7 @@ def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
         tally.add(record.plan)
     row = metrics.summarize(seqs, start, tally, sched.num_preemptions - preempt0,
                             sched.num_swaps - swaps0, sched.num_parks - parks0)
-    # CUDA graphs captured while timed (each engine captures its own: 60 to 100 ms apiece for
+    # CUDA graphs captured while timed (each engine captures its own: 57 to 104 ms apiece for
     # Llama-2-7B on an H200, against 7 to 8 ms a replayed step), so a reader can weigh them.
     row["graph_captures"] = sum(record.captured_graph for record in records)
     if engine.predictor is not None:
@@ -114,20 +114,37 @@ def run_policy(engine: Engine, specs, prompts, progress: bool) -> dict:
 
 
 def warm_up(engine: Engine, specs, prompts) -> None:
-    """The workload's first requests (as many as the engine runs at once), all at t = 0, the
-    i-th cut to WARMUP_TOKENS + i outputs, untimed: the timed run's prefill sizes meet kernels
-    already loaded and chosen, and as the requests finish one by one the decode batch passes
-    every size the timed run can have, so their CUDA graphs are captured here (the block-table
-    widths of its longer contexts are still first met while timed: each run's `graph_captures`
-    counts them). Two tiny requests did none of this: on an H200
-    (Llama-2-7B, 2026-12-04) the first policy's timed prefill of 370 tokens took 0.78 s, the
-    next policies' 0.05 s, and gpu-only, timed first, came out 0.58x neo with the same plans.
-    The engine compiled its host kernel when it was built (`cpu_attention.precompile`; before
-    that, `static`'s first timed run here served 0.5x its later rounds' tokens/s)."""
+    """Untimed, before each policy's timed run: the workload's first requests (as many as the
+    engine runs at once) arrive at once; once every prompt is in, each decode-only step (what a
+    CUDA graph replays) is followed by aborting requests down to the next smaller batch size
+    (`smaller_batches`). The timed run's prefill sizes then meet kernels already loaded, and
+    its decode batch sizes graphs already captured. (Block-table widths first met at its
+    longer contexts are still captured while timed: each run's `graph_captures` counts them.)
+    Two tiny requests did neither: on an H200 (Llama-2-7B, 2026-12-04) the first policy's timed
+    prefill of 370 tokens took 0.78 s, the next policies' 0.05 s. The engine compiled its host
+    kernel when it was built (`cpu_attention.precompile`; before that, `static`'s first timed
+    run here served 0.5x its later rounds' tokens/s). Its cost: those prompts prefilled twice."""
     n = min(len(specs), engine.cfg.max_num_seqs)
-    warm = [dataclasses.replace(s, arrival_s=0.0, output_len=min(s.output_len, WARMUP_TOKENS + i))
-            for i, s in enumerate(specs[:n])]
-    run_policy(engine, warm, prompts[:n], False)
+    running = [engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=spec.output_len,
+                                                      ignore_eos=True))
+               for spec, ids in zip(specs[:n], prompts)]
+    sizes = smaller_batches(n, engine.cfg.bucket_decode)
+    while engine.has_work():
+        plan, _ = engine.step()
+        running = [seq for seq in running if seq.status is not Status.FINISHED]
+        if running and not plan.prefills:
+            keep = next((size for size in sizes if size < len(running)), 0)
+            for seq in running[keep:]:
+                engine.abort(seq)
+            running = running[:keep]
+
+
+def smaller_batches(n: int, bucket_decode: bool) -> list[int]:
+    """The batch sizes below n that a decode step can be padded to, largest first: the powers
+    of two (with `bucket_decode`) or every size."""
+    if not bucket_decode:
+        return list(range(n - 1, 0, -1))
+    return [1 << k for k in reversed(range(max(0, n - 1).bit_length()))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,9 +37,9 @@ class IterationRecord:
     plan: Plan
     measured_s: float
     shape: BatchShape | None = None    # the plan as it was scheduled (its requests move on)
-    # It captured a CUDA graph (a decode shape's first step): a one-time cost of 60 to 100 ms
-    # for Llama-2-7B on an H200, against 7 to 8 ms a replay. The feedback does not learn from
-    # it and the error report scores it apart (predictor.py).
+    # It captured a CUDA graph (a decode shape's first step): a one-time cost, 57 to 104 ms for
+    # Llama-2-7B on an H200 against 7 to 8 ms a replay. The feedback does not learn from it and
+    # the error report scores it apart (predictor.py).
     captured_graph: bool = False
 
 

@@ -192,8 +192,9 @@ class Predictor:
         p = self.tables
         row = p.bytes_per_token_row
         # A decode row sends q, k and v down; a host prefill row only k and v (its attention
-        # runs on the device). Priced by the runner's own row copies where measured: the block
-        # copies of a swap cost 1.1 ms at their smallest on an H200, the size of 100 rows.
+        # runs on the device). Priced by the runner's own row copies where measured: a swap's
+        # block copies cost 1.1 ms at their smallest on an H200 (one block, 256 KB: about 11
+        # rows of Llama-2-7B's q, k and v), which priced a few KB of rows as that.
         down = interp1(p.rows_d2h or p.d2h, (n_cpu + host_prefill * self.kv_share) * row)
         up = interp1(p.rows_h2d or p.h2d, n_cpu * row * self.up_share) if n_cpu else 0.0
         return down, job, up
@@ -346,7 +347,7 @@ class Predictor:
         whose measured time is not a finite positive number, or whose prediction is not finite,
         is skipped: one NaN or inf would poison every statistic. An iteration that captured a
         CUDA graph (`captured_graph`) is counted apart, under `graph_captures`: its time is a
-        one-time cost no table predicts (a capture took 8 to 13x a replay on an H200)."""
+        one-time cost no table predicts (a capture took 7x to 14x a replay on an H200)."""
         errors: dict[str, list[float]] = {}
         tables_only: list[float] = []
         captures: list[float] = []

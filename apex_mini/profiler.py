@@ -18,7 +18,9 @@
 
 Every point runs twice as warm-up (the second run sets the time estimate), then `repeats`
 times, round robin over the points; the median counts (see `typical`). Device
-work is timed with CUDA events, host work with perf_counter.
+work is timed with CUDA events, host work with perf_counter, and the host rows' copies with
+perf_counter from an idle device until their reader (the worker, the compute stream) may use
+them.
 Decode grids use contexts that are whole blocks, so a point's KV rows are exactly what the
 kernel reads. Profiles are cached as JSON under a hash of their key (model shape, dtype, device,
 host CPU, threads, block size, torch version); a profile whose key or version differs is
@@ -58,7 +60,7 @@ class Grid:
     seqs: tuple[int, ...]            # decode attention: sequences
     kv: tuple[int, ...]              # decode attention: total KV rows (kept where a multiple of
                                      # seqs * block_size, so every context is whole blocks)
-    rows: tuple[int, ...]            # LM head
+    rows: tuple[int, ...]            # LM head, and the host rows' copies
     blocks: tuple[int, ...]          # copies, in one-layer KV blocks
     repeats: int
 
@@ -141,9 +143,13 @@ def load_profile(path: str | Path, key: dict) -> tuple[Profile | None, str]:
         diff = sorted(k for k in set(key) | set(stored) if key.get(k) != stored.get(k))
         return None, f"profile {path} was measured for a different {', '.join(diff)}"
     try:
-        return Profile.from_json(path), ""
+        profile = Profile.from_json(path)
     except ValueError as e:                      # fields of another apex_mini version
         return None, str(e)
+    if profile.source == "measured" and key.get("device") != "cpu" and not profile.rows_d2h:
+        # Its host rows would be priced with the block-copy tables (predictor._host).
+        return None, f"profile {path} was measured before the host rows' copies were timed"
+    return profile, ""
 
 
 # ------------------------------------------------------------------------------- timing
@@ -314,32 +320,41 @@ class Profiler:
             return timer.total()
         return run
 
-    def _rows_copy(self, rows: int, down: bool):
-        """One layer's copies of `rows` host rows, through the runner's own functions: q, k and
-        v down, or the attention output up (pinned on the worker first, as there)."""
+    def _rows_down(self, rows: int):
+        """One layer's q, k and v rows of `rows` host requests, copied down as the runner does
+        (`runner.copy_to_host` on the copy stream), until the worker could read them."""
         mc, streams = self.mc, Streams(self.device)
-        D, H, KVH = mc.head_dim, mc.num_attention_heads, mc.num_key_value_heads
-        if down:
-            parts = [self._randn(rows, n, D) for n in (KVH, KVH, H)]   # k, v, q: [rows, n, D]
-        else:
-            out = self._randn(rows, H, D, device="cpu")                # [rows, H, D]
+        parts = [self._randn(rows, n, mc.head_dim)                    # k, v, q: [rows, n, D]
+                 for n in (mc.num_key_value_heads, mc.num_key_value_heads, mc.num_attention_heads)]
 
         def run():
             if streams.is_cuda:
                 torch.cuda.synchronize(self.device)      # an idle device: the copies alone
             t0 = time.perf_counter()
-            if down:
-                with streams.on_copy():
-                    moved = [copy_to_host(t, streams) for t in parts]
-                    arrived = streams.record(streams.copy)
-                wait_event(arrived)                      # where the worker waits
-            else:
-                moved = copy_to_device(pin_for_upload(out, streams), self.device, streams)
-                if streams.is_cuda:
-                    torch.cuda.current_stream(self.device).synchronize()
-            elapsed = time.perf_counter() - t0
-            del moved                                    # (held until the copies were done)
-            return elapsed
+            with streams.on_copy():
+                for t in parts:
+                    copy_to_host(t, streams)
+                arrived = streams.record(streams.copy)
+            wait_event(arrived)                          # where the worker waits
+            return time.perf_counter() - t0
+        return run
+
+    def _rows_up(self, rows: int):
+        """One layer's attention output of `rows` host requests, copied up as the runner does
+        (`runner.copy_to_device`), until the compute stream may use it. Pinned beforehand: the
+        worker pins it inside its job, which `cpu_decode_attn` times."""
+        mc, streams = self.mc, Streams(self.device)
+        out = pin_for_upload(self._randn(rows, mc.num_attention_heads, mc.head_dim, device="cpu"),
+                             streams)                                  # [rows, H, D]
+
+        def run():
+            if streams.is_cuda:
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            copy_to_device(out, self.device, streams)
+            if streams.is_cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            return time.perf_counter() - t0
         return run
 
     def _lm_head(self, rows: int):
@@ -370,8 +385,8 @@ class Profiler:
             + [("cpu_decode_attn", d, self._cpu_decode, (*d, worker)) for d in decode]
             + [("d2h", (b * one_block,), self._copy, (b, True)) for b in grid.blocks]
             + [("h2d", (b * one_block,), self._copy, (b, False)) for b in grid.blocks]
-            + [("rows_d2h", (r * row,), self._rows_copy, (r, True)) for r in grid.rows]
-            + [("rows_h2d", (r * up_row,), self._rows_copy, (r, False)) for r in grid.rows]
+            + [("rows_d2h", (r * row,), self._rows_down, (r,)) for r in grid.rows]
+            + [("rows_h2d", (r * up_row,), self._rows_up, (r,)) for r in grid.rows]
             + [("lm_head", (r,), self._lm_head, (r,)) for r in grid.rows]
             + [("host_job", (), self._host_job, (worker,))])
         tables: dict[str, list] = {}

@@ -205,8 +205,6 @@ def run_greedy(path, prompts, params, predictor=None, fast: bool = True, device:
         llm.close()
 
 
-# ------------------------------------------------------------------------------ reporting
-
 class CapturingGraphs:
     """Stands in for CudaGraphDecoder on the CPU: the first step of each decode shape
     'captures' (takes CAPTURE_S more), then every step runs the decode step as a replay would."""
@@ -225,6 +223,8 @@ class CapturingGraphs:
     def num_graphs(self) -> int:
         return len(self.captured)
 
+
+# ------------------------------------------------------------------------------ reporting
 
 def pytest_terminal_summary(terminalreporter):
     """One line to grab for docs, after every test ran: test_parity's max |logit difference|

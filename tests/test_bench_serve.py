@@ -123,28 +123,44 @@ def test_counts_cover_every_iteration_past_max_records(tmp_path, monkeypatch):
     assert rows["apex"]["predictor_error"]["n"] == taken["apex"]
 
 
-def test_the_warm_up_runs_the_workloads_own_first_requests(monkeypatch):
-    """Each engine warms up on the workload's first requests (at most as many as it runs at
-    once), all at t = 0, each with one output more than the one before (at most its own), so
-    the timed run's prefill sizes and every decode batch size are not first seen while timed
-    (two tiny requests left the first policy's first prefill 15x slower on an H200)."""
-    import types
+def test_the_warm_up_batches_fall_through_every_padded_size():
+    from apex_mini.bench_serve import smaller_batches
+    assert smaller_batches(11, True) == [8, 4, 2, 1] and smaller_batches(16, True) == [8, 4, 2, 1]
+    assert smaller_batches(2, True) == [1] and smaller_batches(1, True) == []
+    assert smaller_batches(4, False) == [3, 2, 1]
 
-    from apex_mini import bench_serve
+
+@pytest.mark.parametrize("bucket", [True, False], ids=["buckets", "no-buckets"])
+def test_after_the_warm_up_no_decode_batch_size_is_new(bucket):
+    """The warm-up's decode steps meet every batch size of the timed run, also when its prompts
+    take several prefill steps (a small token budget): the timed run captures no graph of a new
+    batch size (new block-table widths only), with the CPU stand-in for CUDA graphs."""
+    import torch
+    from conftest import CapturingGraphs
+
+    from apex_mini import bench_serve, workloads
     from apex_mini.config import EngineConfig
-    from apex_mini.workloads import RequestSpec
-    seen = {}
-    monkeypatch.setattr(bench_serve, "run_policy",
-                        lambda engine, specs, prompts, progress: seen.update(specs=specs,
-                                                                             prompts=prompts))
-    engine = types.SimpleNamespace(cfg=EngineConfig(max_num_seqs=3))
-    specs = [RequestSpec(0.5 * i, 10 + i, out) for i, out in enumerate((50, 2, 50, 50, 50))]
-    prompts = [[7 + i] * (10 + i) for i in range(5)]
-    bench_serve.warm_up(engine, specs, prompts)
-    assert seen["prompts"] == prompts[:3]
-    first = bench_serve.WARMUP_TOKENS
-    assert [(s.arrival_s, s.prompt_len, s.output_len) for s in seen["specs"]] == [
-        (0.0, 10, first), (0.0, 11, 2), (0.0, 12, first + 2)]
+    from apex_mini.engine import Engine
+    from apex_mini.weights import random_model
+    cfg = EngineConfig(device="cpu", dtype="float32", policy="gpu-only", gpu_kv_blocks=128,
+                       max_num_batched_tokens=64, max_num_seqs=11, bucket_decode=bucket)
+    engine = Engine(random_model("tiny", torch.float32, "cpu"), cfg, progress=False)
+    engine.runner.graphs = graphs = CapturingGraphs(engine.runner.decode_step)
+    graphs.CAPTURE_S = 0.0
+    specs = [workloads.RequestSpec(0.0, 20 + i, 30 + 3 * i) for i in range(11)]
+    prompts = workloads.prompt_token_ids(specs, 100, 0)
+    added = []
+    add_request = engine.add_request
+    engine.add_request = lambda ids, params: added.append(ids) or add_request(ids, params)
+    try:
+        bench_serve.warm_up(engine, specs, prompts)
+        warm, warmed_up = set(graphs.captured), list(added)
+        timed = bench_serve.run_policy(engine, specs, prompts, False)
+    finally:
+        engine.close()
+    assert warmed_up == prompts[:11] and timed["completed"] == 11
+    assert {batch for batch, _ in warm} == ({1, 2, 4, 8, 16} if bucket else set(range(1, 12)))
+    assert {batch for batch, _ in graphs.captured - warm} <= {batch for batch, _ in warm}
 
 
 def test_each_run_counts_the_cuda_graphs_it_captured_while_timed():

@@ -8,6 +8,7 @@ import dataclasses
 
 import json
 import random
+import time
 import types
 from pathlib import Path
 
@@ -94,6 +95,34 @@ def test_stale_or_mismatched_cached_profile_is_measured_again(tmp_path, monkeypa
     else:
         assert calls == [engine] and predictor.profile.overhead == 42.0
         assert Profile.from_json(path).overhead == 42.0          # the new one was saved
+
+
+def test_a_cuda_profile_without_the_host_row_copies_is_measured_again(tmp_path):
+    """A GPU profile measured before the runner's row copies were timed would price host rows
+    with the block-copy tables (70 ms an iteration for Llama-2-7B on an H200): stale. On the
+    CPU the runner copies nothing, so such a profile is still current."""
+    path = tmp_path / "p.json"
+    on_cuda = {"device": "cuda", "block_size": 16}
+    sample_profile(key=on_cuda).to_json(path)
+    profile, why = profiler.load_profile(path, on_cuda)
+    assert profile is None and "host rows' copies" in why
+    timed = sample_profile(key=on_cuda, rows_d2h=[[512, 2e-5]], rows_h2d=[[256, 1e-5]])
+    timed.to_json(path)
+    assert profiler.load_profile(path, on_cuda) == (timed, "")
+    on_cpu = {"device": "cpu", "block_size": 16}
+    sample_profile(key=on_cpu).to_json(path)
+    assert profiler.load_profile(path, on_cpu) == (sample_profile(key=on_cpu), "")
+
+
+def test_the_copy_up_is_timed_without_the_pin_the_host_job_pays(monkeypatch):
+    """The worker pins its output inside its job (timed in `cpu_decode_attn`): `rows_h2d`
+    times the copy up alone, or the predictor would count the pin twice."""
+    from apex_mini.weights import random_model
+    model = random_model("tiny", torch.float32, "cpu")
+    prof = profiler.Profiler(model, block_size=16, cpu_threads=1, compiled=False, progress=False)
+    monkeypatch.setattr(profiler, "pin_for_upload", lambda t, streams: time.sleep(0.05) or t)
+    run = prof._rows_up(4)                         # pins here, once
+    assert run() < 0.05
 
 
 @pytest.mark.parametrize("damage", ["version", "key", "garbage", "json-list"])
@@ -340,6 +369,7 @@ def test_host_rows_are_priced_by_the_runners_own_row_copies_where_measured():
     row = 512                                                  # sample_profile's row bytes
     assert old.breakdown(shape, Strategy.OVERLAP)["xfer_s"] == pytest.approx(
         4 * (interp1(slow_blocks["d2h"], 2 * row) + interp1(slow_blocks["h2d"], 2 * row * old.up_share)))
+
     def copies(n):                      # one layer's copies of n host rows, down and up
         return interp1(rows["rows_d2h"], n * row) + interp1(rows["rows_h2d"], n * row * new.up_share)
     assert new.breakdown(shape, Strategy.OVERLAP)["xfer_s"] == pytest.approx(4 * copies(2))
@@ -642,10 +672,10 @@ def test_error_report_skips_non_finite_times():
 
 def test_an_iteration_that_captures_a_graph_is_neither_learned_from_nor_scored(monkeypatch,
                                                                                tmp_path):
-    """On an H200 a decode step that captured a CUDA graph took 60 to 100 ms against 7 to 8 a
-    replay: 20 such steps made the report's p90 error 89%, and the feedback, taking two in a
-    row for the machine's pace, predicted the next steps 3x to 12x too slow. Such a step is
-    recorded as `captured_graph`, never reaches the feedback, and is counted apart."""
+    """On an H200 a decode step that captured a CUDA graph took 57 to 104 ms against 7 to 8 a
+    replay: 15 such steps made the report's p90 error 87%, and the feedback, taking two among
+    three iterations for the machine's pace, predicted the next steps up to 13x too slow. Such a
+    step is recorded as `captured_graph`, never reaches the feedback, and is counted apart."""
     from apex_mini.engine import Engine
     from apex_mini.sampling import SamplingParams
     from apex_mini.weights import random_model
