@@ -620,6 +620,30 @@ def test_profile_report_without_feedback(monkeypatch, tmp_path):
     assert report["points"] and all(p["predicted_ms"] == p["table_ms"] for p in report["points"])
 
 
+def test_the_report_warms_up_on_every_prompt_of_its_workload(monkeypatch, tmp_path):
+    """The untimed warm-up run sees every prompt the timed runs will (a few tokens each), so
+    their prefill sizes are not first met while timed."""
+    from apex_mini import profile
+    fake_profiling(monkeypatch, tmp_path)
+    runs = []                                   # per engine made: (prompt, max_tokens) added
+    make_engine = profile.make_engine
+
+    def recording(model, cfg, run, predictor):
+        engine = make_engine(model, cfg, run, predictor)
+        added, add = [], engine.add_request
+        runs.append(added)
+        engine.add_request = lambda ids, params: added.append((ids, params.max_tokens)) or add(
+            ids, params)
+        return engine
+    monkeypatch.setattr(profile, "make_engine", recording)
+    assert profile.main(["--model-shape", "tiny", "--device", "cpu", "--quick", "--report",
+                         "--requests", "6", "--no-progress"]) == 0
+    warm, timed = runs[0], runs[1]              # the warm-up, then apex
+    assert len(runs) == 1 + len(profile.REPORT_RUNS) and len(timed) == 6
+    assert [ids for ids, _ in warm] == [ids for ids, _ in timed]
+    assert [n for _, n in warm] == [min(n, profile.WARMUP_TOKENS) for _, n in timed]
+
+
 def test_profile_cli_report(tmp_path, capsys):
     """The predictor's error on this machine, through the profile CLI; shown, not asserted."""
     from apex_mini.profile import main
