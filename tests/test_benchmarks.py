@@ -290,13 +290,13 @@ def test_gpu_session_script_runs_every_step_with_flags_that_parse(tmp_path, dry)
     from apex_mini import profile
 
     run, ends, recorded = run_gpu_session(tmp_path, DRY="1" if dry else "0")
-    assert len(ends) == 8 and all(": exit 0 after" in line for line in ends), run.stdout
-    assert (tmp_path / "out" / "session.log").read_text().count("exit 0") >= 8
+    assert len(ends) == 9 and all(": exit 0 after" in line for line in ends), run.stdout
+    assert (tmp_path / "out" / "session.log").read_text().count("exit 0") >= 9
     # The overlap evidence is recorded with the compiled host kernel, whatever the torch.
     assert [eager for argv, eager in recorded if "overlap" in argv] == ["0"]
     calls = [argv for argv, _ in recorded]
     modules = [c[1] for c in calls if c[0] == "-m"]
-    assert modules.count("apex_mini.bench") == 5 and "apex_mini.profile" in modules
+    assert modules.count("apex_mini.bench") == 6 and "apex_mini.profile" in modules
     for argv in calls:
         if argv[:2] == ["-m", "apex_mini.bench"]:
             parser = importlib.import_module(bench.COMMANDS[argv[2]][0]).build_parser()
@@ -317,8 +317,8 @@ def test_gpu_session_falls_back_to_the_eager_overlap_and_keeps_to_its_budget(tmp
     assert [eager for argv, eager in recorded if "overlap" in argv] == ["0", "1"]
     assert [line.split(":")[0] for line in ends if ": exit 0" not in line] == ["== overlap"]
     assert any(line.startswith("== overlap-eager: exit 0") for line in ends)
-    assert len(ends) == 9
+    assert len(ends) == 10
 
     _, ends, recorded = run_gpu_session(tmp_path / "b", BUDGET="0")
-    assert recorded == [] and len(ends) == 9                # overlap-eager is tried, and skipped
+    assert recorded == [] and len(ends) == 10                # overlap-eager is tried, and skipped
     assert all(": exit 124 after 0 s (skipped" in line for line in ends)
