@@ -39,7 +39,6 @@ from .simulate import check_trace_arg
 from .weights import model_for, resolve_device
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m apex_mini.bench serve",
                        description="Run one serving workload through every policy.")

@@ -12,12 +12,11 @@ multiplied by the median of measured / predicted over the last `WINDOW` iteratio
     correction = median(measured_i / table_prediction_i  for the last WINDOW iterations)
     prediction = table_prediction * correction
 
-The median of 3 ignores one stalled iteration and follows drift within a few iterations.
-An iteration that captured a CUDA graph is not observed at all (`IterationRecord.captured_graph`):
+The median of 3 ignores one stalled iteration and follows drift within a few iterations. An
+iteration that captured a CUDA graph is not observed at all (`IterationRecord.captured_graph`):
 on an H200 captures took 57 to 104 ms against 7 to 8 ms a replay, and two among three
 iterations (a new block-table width, then a new batch size) were common enough to set the
-median. Until
-`MIN_SEEN` iterations have run the correction is 1. Every prediction the scheduler uses is made
+median. Until `MIN_SEEN` iterations have run the correction is 1. Every prediction the scheduler uses is made
 before its iteration runs, from earlier iterations only, and that is the prediction the error
 report scores.
 
