@@ -130,23 +130,30 @@ def test_the_warm_up_batches_fall_through_every_padded_size():
     assert smaller_batches(4, False) == [3, 2, 1]
 
 
+def engine_with_stand_in_graphs(**options):
+    """A tiny gpu-only engine on the CPU whose decode steps run through the CPU stand-in for
+    CUDA graphs (it records each shape it 'captures', without waiting)."""
+    import torch
+    from conftest import CapturingGraphs
+
+    from apex_mini.config import EngineConfig
+    from apex_mini.engine import Engine
+    from apex_mini.weights import random_model
+    cfg = EngineConfig(device="cpu", dtype="float32", policy="gpu-only", **options)
+    engine = Engine(random_model("tiny", torch.float32, "cpu"), cfg, progress=False)
+    engine.runner.graphs = graphs = CapturingGraphs(engine.runner.decode_step)
+    graphs.CAPTURE_S = 0.0
+    return engine, graphs
+
+
 @pytest.mark.parametrize("bucket", [True, False], ids=["buckets", "no-buckets"])
 def test_after_the_warm_up_no_decode_batch_size_is_new(bucket):
     """The warm-up's decode steps meet every batch size of the timed run, also when its prompts
     take several prefill steps (a small token budget): the timed run captures no graph of a new
     batch size (new block-table widths only), with the CPU stand-in for CUDA graphs."""
-    import torch
-    from conftest import CapturingGraphs
-
     from apex_mini import bench_serve, workloads
-    from apex_mini.config import EngineConfig
-    from apex_mini.engine import Engine
-    from apex_mini.weights import random_model
-    cfg = EngineConfig(device="cpu", dtype="float32", policy="gpu-only", gpu_kv_blocks=128,
-                       max_num_batched_tokens=64, max_num_seqs=11, bucket_decode=bucket)
-    engine = Engine(random_model("tiny", torch.float32, "cpu"), cfg, progress=False)
-    engine.runner.graphs = graphs = CapturingGraphs(engine.runner.decode_step)
-    graphs.CAPTURE_S = 0.0
+    engine, graphs = engine_with_stand_in_graphs(gpu_kv_blocks=128, max_num_batched_tokens=64,
+                                                 max_num_seqs=11, bucket_decode=bucket)
     specs = [workloads.RequestSpec(0.0, 20 + i, 30 + 3 * i) for i in range(11)]
     prompts = workloads.prompt_token_ids(specs, 100, 0)
     added = []
@@ -166,22 +173,12 @@ def test_after_the_warm_up_no_decode_batch_size_is_new(bucket):
 def test_each_run_counts_the_cuda_graphs_it_captured_while_timed():
     """A run's row says how many of its timed iterations captured a CUDA graph (one-time costs
     that each policy's fresh engine pays again); here with the CPU stand-in for graphs."""
-    import torch
-    from conftest import CapturingGraphs
-
     from apex_mini import bench_serve, workloads
-    from apex_mini.config import EngineConfig
-    from apex_mini.engine import Engine
-    from apex_mini.weights import random_model
-    model = random_model("tiny", torch.float32, "cpu")
-    engine = Engine(model, EngineConfig(device="cpu", dtype="float32", policy="gpu-only",
-                                        gpu_kv_blocks=64), progress=False)
-    engine.runner.graphs = graphs = CapturingGraphs(engine.runner.decode_step)
-    graphs.CAPTURE_S = 0.0                                   # this engine's: count, no wait
+    engine, graphs = engine_with_stand_in_graphs(gpu_kv_blocks=64)
     specs = [workloads.RequestSpec(0.0, 6 + i, 2 + 3 * i) for i in range(3)]
     try:
         row = bench_serve.run_policy(engine, specs, workloads.prompt_token_ids(specs, 100, 0),
                                      False)
     finally:
         engine.close()
-    assert row["graph_captures"] == engine.runner.graphs.num_graphs >= 2    # batches 3, 2, 1
+    assert row["graph_captures"] == graphs.num_graphs >= 2                  # batches 3, 2, 1
