@@ -728,3 +728,14 @@ def test_an_iteration_that_captures_a_graph_is_neither_learned_from_nor_scored(m
     assert report["graph_captures"]["measured_s"] == pytest.approx(
         sum(r.measured_s for r in captured))
     assert report["n"] == report["tables_only"]["n"] == len(engine.records) - len(captured)
+
+
+def test_the_report_says_how_many_iterations_captured_a_graph():
+    from apex_mini.profile import format_report
+    report = Predictor(sample_profile()).error_report([])
+    report["graph_captures"] = {"n": 2, "measured_s": 0.19}
+    report["decisions"] = [{"predicted_ms": 7.7, "measured_ms": 104.1, "plan": "gpu-only: ...",
+                            "reason": "apex: no host work", "captured_graph": True}]
+    text = format_report(report)
+    assert "not scored: 2 iterations that captured a CUDA graph (190 ms in all" in text
+    assert text.splitlines()[-1].endswith("[apex: no host work] (captured a CUDA graph)")
