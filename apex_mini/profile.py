@@ -94,13 +94,11 @@ def run_report(model, cfg: EngineConfig, predictor, requests: int = 16, seed: in
     mc = model.config
     max_len = cfg.context_length(mc)
     jobs = workload(requests, mc.vocab_size, max_len, seed)
+    blocks = [-(-(len(p) + o) // cfg.block_size) for p, o in jobs]     # each request's KV
     if cfg.gpu_kv_blocks is None:      # room for about a third of the requests: the host tier works
-        need = sum(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)
-        most = max(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)
-        cfg = dataclasses.replace(cfg, gpu_kv_blocks=max(most + 1, need // 3))
+        cfg = dataclasses.replace(cfg, gpu_kv_blocks=max(max(blocks) + 1, sum(blocks) // 3))
     if cfg.cpu_kv_blocks is None:      # not the default gigabytes: each run builds an engine
-        need = sum(-(-(len(p) + o) // cfg.block_size) for p, o in jobs)
-        cfg = dataclasses.replace(cfg, cpu_kv_blocks=need + 1)
+        cfg = dataclasses.replace(cfg, cpu_kv_blocks=sum(blocks) + 1)
     records, per_run, points = [], {}, []
     # Untimed first: every prompt, a few tokens each, so the runs' prefill sizes do not meet
     # kernels for the first time in the process (on an H200 such first prefills took 1.4x to

@@ -277,7 +277,7 @@ class Profiler:
     def _cpu_decode(self, n: int, total: int, worker):
         caches, tables, lens = self._decode_caches(n, total, "cpu")
         slots = (tables[:, -1] * self.block_size + self.block_size - 1).contiguous()  # [n]
-        pin = self.device.type == "cuda"
+        streams = Streams(self.device)
         with torch.inference_mode():         # built once per step, as the runner does
             host_tables = DecodeTables(tables, lens, caches[0][0])
 
@@ -287,8 +287,7 @@ class Profiler:
             k_cache, v_cache = caches[i % len(caches)]
             append_kv(k_cache, v_cache, slots, k, v)
             out = host_attend(q, k_cache, v_cache, host_tables, self.scale, compiled=self.compiled)
-            if pin:
-                out = out.pin_memory()
+            out = pin_for_upload(out, streams)           # as the runner's worker does
             return out, time.perf_counter() - t0
 
         def middle(i, q, k, v, timer):
