@@ -17,11 +17,11 @@ this leaner function instead:
   16) comes from the OS as new pages, and touching them for the first time can cost more than
   the gather itself: one step repeated on the same inputs ran 2.3x faster at batch 16 with the
   buffers kept (4-7% in the engine, whose allocator state varies from step to step).
-- Weights are fetched once, at construction, into plain tuples: no nn.Module call and no
-  attribute lookups per layer. On the CPU the step multiplies by copies of the weights laid
-  out for its products (oneDNN-packed when eager, transposed when compiled), q/k/v and gate/up
-  each stacked into one product (packed_linear.py; `prepack=False` turns the copies off). A
-  compiled CPU step runs small batches only and hands larger ones to an eager twin.
+- The layers are the engine's packed copy of the model (packed_model.py): weights fetched once
+  into plain attributes, q/k/v and gate/up each stacked into one product, oneDNN-packed when
+  eager on the CPU, transposed when compiled (`prepack=False` turns the copies off), RoPE as
+  one roll. The runner's layer loop runs the same layers. A compiled CPU step runs small
+  batches only and hands larger ones to an eager twin.
 - Attention is one `scaled_dot_product_attention` call over the gathered context, with the G
   query heads of each KV head laid out as G query positions, so grouped-query attention needs
   no repeated K/V and no `enable_gqa` path. The gather pads every row to the batch's widest
@@ -34,8 +34,8 @@ this leaner function instead:
   order. That is what lets `torch.compile` trace it once and CUDA graphs replay it.
 
 The numerics follow model.py (RMSNorm in fp32, the same RoPE), so greedy tokens equal the
-layer loop's; only summation orders differ (SDPA instead of einsum; the products on a weight
-copy).
+layer loop's; only summation orders differ (SDPA instead of einsum; with the fast path off, the
+products on model.py's own weights).
 
 Vocabulary: B = rows (padded to a bucket), W = block-table width, ctx = W * block_size,
 H = query heads, KVH = key/value heads, G = H // KVH, D = head_dim.
@@ -50,24 +50,12 @@ import torch.nn.functional as F
 from .batch import DecodeInputs
 from .compile_fallback import compiled_or_eager
 from .kv_cache import GATHER_BYTES, GatherBuffers, KVPool, gather_blocks, rows_per_gather
-from .packed_linear import ONEDNN, PLAIN, StackedLinear, choose_layout
+from .packed_linear import ONEDNN, PLAIN, choose_layout
+from .packed_model import PackedModel
 
 # Batch rows up to which a compiled CPU step runs itself; larger batches go to its eager twin
 # (see DecodeStep.__init__). On the machine of docs/benchmarks.md the two were level at 4 rows.
 COMPILED_CPU_MAX_ROWS = 4
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """model.RMSNorm without the module call, same bits.
-
-    In fp32 that is torch's own `rms_norm`: one op instead of six, 1.4x-2x faster on 1-16 rows
-    on the benchmark machine, and bit-identical to the six there. In fp16/bf16 torch's op
-    multiplies by the weight before rounding to x's dtype and transformers after, so the
-    half-precision path keeps the six ops."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class DecodeStep:
@@ -83,30 +71,16 @@ class DecodeStep:
         self.device = pool.device
         self.block_size, self.scratch_block = block_size, scratch_block
         self.H, self.KVH, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.eps, self.scale = cfg.rms_norm_eps, cfg.head_dim ** -0.5
-        self.rotary = model.model.rotary_emb
-        self.embed = model.model.embed_tokens.weight
-        self.final_norm = model.model.norm.weight
+        self.scale = cfg.head_dim ** -0.5
         # On the CPU the step multiplies by copies of the weights, q/k/v and gate/up stacked:
         # oneDNN-packed when eager, transposed when compiled (Inductor cannot trace oneDNN's).
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         self.weight_layout = choose_layout(prepack, compile, self.device,
                                            model.lm_head.weight.dtype, weight_bytes)
-
-        def proj(*modules):
-            return StackedLinear(list(modules), self.weight_layout)
-        self.lm_head = proj(model.lm_head)
-        self.layers = []
-        for layer in model.model.layers:
-            a, m = layer.self_attn, layer.mlp
-            k_cache, v_cache = pool.layer(layer.layer_idx)    # [num_blocks, block_size, KVH, D]
-            self.layers.append((
-                layer.input_layernorm.weight,
-                proj(a.q_proj, a.k_proj, a.v_proj), proj(a.o_proj),
-                layer.post_attention_layernorm.weight,
-                proj(m.gate_proj, m.up_proj), proj(m.down_proj),
-                k_cache, v_cache))
+        self.net = PackedModel(model, self.weight_layout)
+        # Each layer with its K/V pool: [num_blocks, block_size, KVH, D] each.
+        self.layers = [(layer, *pool.layer(layer.layer_idx)) for layer in self.net.layers]
         self.compiled = compile
         # The eager CPU step gathers each layer's context into buffers kept between steps
         # (kv_cache.GatherBuffers). Not on CUDA (its caching allocator already reuses memory,
@@ -138,6 +112,13 @@ class DecodeStep:
                 twin = DecodeStep(model, pool, block_size, scratch_block, compile=False,
                                   prepack=True)
             self.eager_twin = twin if twin.weight_layout == ONEDNN else None
+
+    @property
+    def loop_model(self) -> PackedModel:
+        """The packed model for the runner's layer loop: the eager twin's when there is one (its
+        oneDNN products beat the compiled step's transposed copy past a few rows), else this
+        step's."""
+        return (self.eager_twin or self).net
 
     @property
     def prepacked(self) -> bool:
@@ -174,7 +155,7 @@ class DecodeStep:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states [B, hidden] -> logits [B, vocab] (fp32)."""
-        return self.lm_head(hidden).float()
+        return self.net.head(hidden)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                       context_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -182,13 +163,7 @@ class DecodeStep:
         B, W = block_tables.shape
         H, KVH, D = self.H, self.KVH, self.D
         ctx = W * self.block_size
-        hidden = F.embedding(input_ids, self.embed)                        # [B, hidden]
-        cos, sin = self.rotary(positions, hidden.dtype)                    # [B, D]
-        # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]: one roll instead of
-        # chunk + neg + cat per tensor, and bit-identical (a sign flip is exact).
-        half = D // 2
-        cos = cos[:, None, :]                                              # [B, 1, D]
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]   # [B, 1, D]
+        hidden, cos, sin = self.net.embed(input_ids, positions)            # [B, hidden], [B, 1, D] x2
         visible = torch.arange(ctx, device=positions.device) < context_lens[:, None]   # [B, ctx]
         # An additive mask (0 / -inf), built once for every layer: PyTorch's CPU attention
         # turns a boolean mask into this on each call (9 us of 29 at batch 1 here).
@@ -198,12 +173,8 @@ class DecodeStep:
         chunk = rows_per_gather(B, W, self.block_bytes, self.gather_bytes)
         k_out, v_out = (self.buffers.take(self.cache_like, chunk * W) if self.buffers is not None
                         else (None, None))                                 # [chunk * W, block_size, KVH, D]
-        for ln1, qkv_proj, o_proj, ln2, gate_up_proj, down_proj, k_cache, v_cache in self.layers:
-            x = rms_norm(hidden, ln1, self.eps)                            # [B, hidden]
-            qkv = qkv_proj(x).view(B, H + 2 * KVH, D)                      # q heads, k heads, v heads
-            qk = qkv[:, :H + KVH]                                          # [B, H + KVH, D]
-            qk = qk * cos + qk.roll(half, -1) * sin                        # RoPE on q and k at once
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KVH:]               # [B, H|KVH|KVH, D]
+        for layer, k_cache, v_cache in self.layers:
+            q, k, v = layer.pre_attention(hidden, cos, sin)                # [B, H|KVH|KVH, D]
             # Append this step's K/V, then gather each row's whole context (this row included).
             k_cache.view(-1, KVH, D).index_copy_(0, slots, k)
             v_cache.view(-1, KVH, D).index_copy_(0, slots, v)
@@ -215,10 +186,8 @@ class DecodeStep:
                                              blocks[r * W:(r + chunk) * W], mask[r:r + chunk],
                                              k_out, v_out)
                                  for r in range(0, B, chunk)])             # [B, KVH, G, D]
-            hidden = hidden + o_proj(out.reshape(B, H * D))                # [B, hidden]
-            gate, up = gate_up_proj(rms_norm(hidden, ln2, self.eps)).chunk(2, dim=-1)  # [B, inter] x2
-            hidden = hidden + down_proj(F.silu(gate) * up)
-        return rms_norm(hidden, self.final_norm, self.eps)                 # [B, hidden]
+            hidden = layer.post_attention(hidden, out)                     # [B, hidden]
+        return self.net.final_norm(hidden)                                 # [B, hidden]
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                blocks: torch.Tensor, mask: torch.Tensor, k_out, v_out) -> torch.Tensor:

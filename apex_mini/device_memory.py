@@ -15,9 +15,11 @@ other, their temporaries freed):
                   masked, grouped-query chunk): fp32 scores and probabilities (sliced to
                   GATHER_BYTES), the context's K and V in fp32 with their heads repeated, and
                   the cached prefix gathered and joined to the chunk's own K/V
-    tokens      one layer's activations for `max_num_batched_tokens` rows: the residual
-                stream, normed input, q/k/v and their rotated copies, attention output, and
-                the MLP's gate, up and product
+    tokens      one layer's activations for `max_num_batched_tokens` rows (packed_model.py's
+                layers): the residual stream, normed input, q/k/v and their concatenation
+                (on a GPU the three products are stacked by `torch.cat`), RoPE's three
+                temporaries on q and k together, attention output, and the MLP's gate, up and
+                product
     logits      LM-head output for the most rows that make a token at once (`max_num_seqs`),
                 in the dtype and in fp32, and sampling's working memory (SAMPLE_BYTES: rows go
                 in chunks past it)
@@ -53,7 +55,8 @@ def activation_reserve(mc, max_num_seqs: int, max_num_batched_tokens: int, max_m
     # Sampling's chunks: at most SAMPLE_BYTES, but never less than one row.
     sampling = min(rows * vocab * SAMPLE_BYTES_PER_LOGIT,
                    max(SAMPLE_BYTES, vocab * SAMPLE_BYTES_PER_LOGIT))
-    per_row = (3 * hidden + 2 * (H + 2 * KVH) * D + H * D + 4 * inter) * itemsize
+    per_row = (3 * hidden + 2 * (H + 2 * KVH) * D + 3 * (H + KVH) * D + H * D
+               + 4 * inter) * itemsize
     terms = {
         "attention": max(4 * gather, prefill),
         "tokens": T * per_row,

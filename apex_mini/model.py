@@ -120,11 +120,19 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder layers, in order (what a layer loop runs between `embed` and `logits`)."""
+        return self.model.layers
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """RoPE's (cos, sin) [T, D] at `positions` [T], as the layers' pre_attention takes them."""
+        return self.model.rotary_emb(positions, dtype)
+
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        """input_ids, positions [T] -> hidden [T, hidden], and RoPE's (cos, sin) [T, D]."""
+        """input_ids, positions [T] -> hidden [T, hidden], and `rope_tables`."""
         hidden = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions, hidden.dtype)
-        return hidden, cos, sin
+        return (hidden, *self.rope_tables(positions, hidden.dtype))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (only the rows that need a next token) -> logits [N, vocab] in fp32."""
@@ -134,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
                 attention_fn: AttentionFn) -> torch.Tensor:
         """The plain layer loop. Returns the final hidden states [T, hidden] (before the norm)."""
         hidden, cos, sin = self.embed(input_ids, positions)
-        for layer in self.model.layers:
+        for layer in self.layers:
             q, k, v = layer.pre_attention(hidden, cos, sin)
             hidden = layer.post_attention(hidden, attention_fn(layer.layer_idx, q, k, v))
         return hidden

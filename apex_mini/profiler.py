@@ -100,12 +100,15 @@ def profile_key(model_config, dtype: torch.dtype, device: torch.device, block_si
 
 def engine_key(engine) -> dict:
     """profile_key for this engine, plus the options of its decode step, which the profile's
-    whole-iteration decode table (calibrate) measures."""
+    whole-iteration decode table (calibrate) measures, and its layer loop's weight layout."""
     cfg = engine.cfg
     key = profile_key(engine.model_config, engine.dtype, engine.device, cfg.block_size,
                       cfg.cpu_threads, cfg.compile_cpu_attention and compile_enabled())
     key["decode_step"] = {name: getattr(cfg, name) for name in
                           ("compile_decode", "prepack_weights", "cuda_graphs", "bucket_decode")}
+    # The weight layout the layer loop's products run on (packed_model.py), which the linear
+    # and LM-head tables time.
+    key["layer_weights"] = engine.decode_step.loop_model.layout
     return key
 
 
@@ -203,14 +206,17 @@ class Profiler:
     only for calibration (`profile_engine`)."""
 
     def __init__(self, model, block_size: int, cpu_threads: int, compiled: bool,
-                 progress: bool = True):
+                 progress: bool = True, net=None):
         self.model = model
+        # The layers and LM head to time: the engine's runner runs its decode step's packed
+        # copy of the model (packed_model.py); model.py's own by default.
+        self.net = net if net is not None else model
         self.mc = mc = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size, self.cpu_threads, self.compiled = block_size, cpu_threads, compiled
         self.progress = progress
-        self.layers = list(model.model.layers)
+        self.layers = list(self.net.layers)
         self.scale = mc.head_dim ** -0.5
         self.gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -224,7 +230,7 @@ class Profiler:
         mc = self.mc
         hidden = self._randn(T, mc.hidden_size)                              # [T, hidden]
         positions = torch.arange(T, device=self.device) % mc.max_position_embeddings
-        cos, sin = self.model.model.rotary_emb(positions, self.dtype)
+        cos, sin = self.net.rope_tables(positions, self.dtype)
         scratch = torch.zeros(2, -(-T // self.block_size), self.block_size,
                               mc.num_key_value_heads, mc.head_dim, dtype=self.dtype, device=self.device)
         rows = torch.arange(T, device=self.device)                           # [T] = slots too
@@ -362,7 +368,7 @@ class Profiler:
         def run():
             self._pass(1)                              # evict as a real iteration would
             timer = Timer(self.device)
-            timer(lambda: self.model.logits(hidden).argmax(-1).tolist())
+            timer(lambda: self.net.logits(hidden).argmax(-1).tolist())
             return timer.total()
         return run
 
@@ -532,7 +538,7 @@ def calibrate(profile: Profile, engine, grid: Grid = QUICK, repeats: int = 7) ->
 def profile_engine(engine, grid: Grid = QUICK, progress: bool = True) -> Profile:
     compiled = engine.cfg.compile_cpu_attention and compile_enabled()
     profiler = Profiler(engine.model, engine.cfg.block_size, engine.cfg.cpu_threads, compiled,
-                        progress)
+                        progress, net=engine.decode_step.loop_model)
     start = time.perf_counter()
     profile = calibrate(profiler.run(grid), engine, grid)
     profile.key = engine_key(engine)           # the decode table measured this engine's step

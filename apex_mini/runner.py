@@ -14,6 +14,11 @@ CUDA the "device" is the CPU, every stream call is a no-op, and results are iden
 Decode-only, device-only steps (no prefill, no host rows) skip the layer loop: they run the
 static-shape `DecodeStep` (decode_step.py), eagerly, compiled, or replayed as a CUDA graph
 (cuda_graphs.py). The host-attention overlap above never enters a graph.
+
+The layer loop runs the decode step's packed copy of the model (packed_model.py: the same
+layers on weights stacked and laid out for fewer, faster products), so every step multiplies by
+the same weights. With the fast path off (`decode_step=None`) it runs model.py's own layers,
+the reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -58,6 +63,13 @@ class ModelRunner:
         self._gpu_stamps: list = []          # (event, layer, torch.cuda.Event), this step
         self._anchor = None                  # (CUDA event, perf_counter) the GPU stamps map to
 
+    @property
+    def net(self):
+        """What the layer loop runs: the decode step's packed copy of the model (its weights laid
+        out for fewer, faster products: packed_model.py), or, with the fast path off, model.py's
+        own layers, the reference."""
+        return self.decode_step.loop_model if self.decode_step is not None else self.model
+
     # ------------------------------------------------------------------ entry point
 
     @torch.inference_mode()
@@ -85,13 +97,13 @@ class ModelRunner:
             parts = split_for_pipeline(plan)
             batches = [self._build(p, tables) for p in parts]
             hidden = self._forward_pipelined(batches)
-            logits = torch.cat([self.model.logits(take_rows(h, b.logits_rows))
+            logits = torch.cat([self.net.logits(take_rows(h, b.logits_rows))
                                 for h, b in zip(hidden, batches)])
         else:
             pad = bucket(len(plan.gpu_decodes)) if decode_only and self.bucket_decode else 0
             batch = self._build(plan, tables, pad_decode_to=pad)
             hidden = self._forward(batch)
-            logits = self.model.logits(take_rows(hidden, batch.logits_rows))
+            logits = self.net.logits(take_rows(hidden, batch.logits_rows))
         sampling = sampling_tensors(plan, self.device)     # rows in plan order, as the logits
         tokens = logits.argmax(-1) if sampling is None else sample(logits, **sampling)
         return tokens.tolist()                         # the one host sync of the step
@@ -117,8 +129,8 @@ class ModelRunner:
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """The merged batch (GPU-only or asynchronous overlap)."""
-        hidden, cos, sin = self.model.embed(batch.input_ids, batch.positions)
-        for layer in self.model.model.layers:
+        hidden, cos, sin = self.net.embed(batch.input_ids, batch.positions)
+        for layer in self.net.layers:
             pending = self._start_layer(layer, hidden, cos, sin, batch)
             hidden = self._finish_layer(layer, hidden, pending, batch)
         return hidden
@@ -127,9 +139,9 @@ class ModelRunner:
         """Two sub-batches offset by one layer: while the CPU attends for one, the device runs
         the other's linear layers. Every layer's weights are read twice per iteration."""
         a, b = batches
-        ha, cos_a, sin_a = self.model.embed(a.input_ids, a.positions)
-        hb, cos_b, sin_b = self.model.embed(b.input_ids, b.positions)
-        layers = self.model.model.layers
+        ha, cos_a, sin_a = self.net.embed(a.input_ids, a.positions)
+        hb, cos_b, sin_b = self.net.embed(b.input_ids, b.positions)
+        layers = self.net.layers
         pending_b = None
         for i, layer in enumerate(layers):
             pending_a = self._start_layer(layer, ha, cos_a, sin_a, a)

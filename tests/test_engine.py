@@ -455,7 +455,7 @@ def test_activation_reserve_adds_up_its_worst_cases():
     r = activation_reserve(mc, 256, 2048, 4096, 16, 2, cuda_graphs=True)
     # 256 rows x 256 blocks of 16 x 32 heads x 128 x 2 bytes is 8 GiB of K: bounded.
     assert r["attention"] == 4 * GATHER_BYTES
-    per_row = (3 * 4096 + 2 * 96 * 128 + 32 * 128 + 4 * 11008) * 2
+    per_row = (3 * 4096 + 2 * 96 * 128 + 3 * 64 * 128 + 32 * 128 + 4 * 11008) * 2
     assert r["tokens"] == 2048 * per_row
     assert r["logits"] == 256 * 32000 * (2 + 4) + SAMPLE_BYTES
     assert r["graphs"] == (2 * GATHER_BYTES + 256 * per_row

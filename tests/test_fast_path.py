@@ -157,7 +157,7 @@ def test_context_buffers_are_reused_and_grow(gqa_llama3_ckpt):
 def test_step_rms_norm_equals_the_models(dtype, hidden):
     """The decode step's RMSNorm (torch's fused op in fp32, the model's six ops otherwise)
     gives model.RMSNorm's bits on the CPU."""
-    from apex_mini.decode_step import rms_norm
+    from apex_mini.packed_model import rms_norm
     from apex_mini.model import RMSNorm
     torch.manual_seed(hidden)
     norm = RMSNorm(hidden, 1e-5).to(dtype)

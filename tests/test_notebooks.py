@@ -22,7 +22,7 @@ PAIRS = {
     "05_profiler_predictor": ("profiler.py", "predictor.py", "feedback.py"),
     "06_scheduler": ("scheduler.py",),
     "07_benchmarks": ("bench.py",),
-    "08_decode_fast_path": ("decode_step.py", "packed_linear.py", "cuda_graphs.py"),
+    "08_decode_fast_path": ("decode_step.py", "packed_linear.py", "packed_model.py", "cuda_graphs.py"),
 }
 
 

@@ -18,11 +18,12 @@ from conftest import CapturingGraphs
 
 from apex_mini import profiler
 from apex_mini.config import EngineConfig
+from apex_mini.engine import Engine
 from apex_mini.cost_tables import PROFILE_VERSION, BatchShape, Profile
 from apex_mini.feedback import MIN_SEEN, WINDOW, Feedback
 from apex_mini.plan import Plan, Strategy
 from apex_mini.predictor import Grid2D, Predictor, interp1, nondecreasing
-from apex_mini.weights import MODEL_SHAPES
+from apex_mini.weights import MODEL_SHAPES, random_model
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +54,12 @@ def test_profile_json_round_trip(tmp_path):
     assert Profile.from_json(tmp_path / "p.json") == p
 
 
-def fake_engine(path, dtype=torch.float32, **options):
+def fake_engine(path, dtype=torch.float32, layer_weights="onednn", **options):
+    """What engine_key reads of an engine, `layer_weights` the layout its layer loop runs on."""
     cfg = EngineConfig(device="cpu", profile_path=str(path) if path else None, **options)
+    step = types.SimpleNamespace(loop_model=types.SimpleNamespace(layout=layer_weights))
     return types.SimpleNamespace(cfg=cfg, model_config=MODEL_SHAPES["tiny"], dtype=dtype,
-                                 device=torch.device("cpu"))
+                                 device=torch.device("cpu"), decode_step=step)
 
 
 DAMAGES = ["version", "key", "garbage", "json-list", "unknown-field"]
@@ -117,7 +120,6 @@ def test_a_cuda_profile_without_the_host_row_copies_is_measured_again(tmp_path):
 def test_the_copy_up_is_timed_without_the_pin_the_host_job_pays(monkeypatch):
     """The worker pins its output inside its job (timed in `cpu_decode_attn`): `rows_h2d`
     times the copy up alone, or the predictor would count the pin twice."""
-    from apex_mini.weights import random_model
     model = random_model("tiny", torch.float32, "cpu")
     prof = profiler.Profiler(model, block_size=16, cpu_threads=1, compiled=False, progress=False)
     monkeypatch.setattr(profiler, "pin_for_upload", lambda t, streams: time.sleep(0.05) or t)
@@ -171,6 +173,21 @@ def test_decode_step_options_are_part_of_the_key(tmp_path, option):
     sample_profile(key=profiler.engine_key(fake_engine(path))).to_json(path)
     profile, why = profiler.load_profile(path, profiler.engine_key(fake_engine(path, **option)))
     assert profile is None and "decode_step" in why
+
+
+def test_layer_loop_weights_are_part_of_the_key(tmp_path):
+    """The linear and LM-head tables time the layers the runner runs (packed_model.py), whose
+    speed depends on their weights' layout: a profile of another layout is not reused, and a
+    real engine's key names its own."""
+    path = tmp_path / "p.json"
+    sample_profile(key=profiler.engine_key(fake_engine(path))).to_json(path)
+    key = profiler.engine_key(fake_engine(path, layer_weights="plain"))
+    profile, why = profiler.load_profile(path, key)
+    assert profile is None and "layer_weights" in why
+    engine = Engine(random_model("tiny", torch.float32, "cpu"),
+                    EngineConfig(device="cpu", policy="gpu-only", prepack_weights=False))
+    assert profiler.engine_key(engine)["layer_weights"] == "plain"
+    engine.close()
 
 
 # ------------------------------------------------------------------------------- interpolation
@@ -525,7 +542,6 @@ def test_engine_scores_the_prediction_it_made_before_each_iteration():
     nothing observed yet, is the tables' own), and every iteration reaches the feedback."""
     from apex_mini.engine import Engine
     from apex_mini.sampling import SamplingParams
-    from apex_mini.weights import random_model
     model = random_model("tiny", torch.float32, "cpu")
     cfg = EngineConfig(device="cpu", dtype="float32", policy="apex", gpu_kv_blocks=8, cpu_kv_blocks=64)
     engine = Engine(model, cfg)
@@ -552,7 +568,6 @@ def test_engine_scores_the_prediction_it_made_before_each_iteration():
 
 def test_engine_profiles_once_then_reuses(monkeypatch):
     from apex_mini.engine import Engine
-    from apex_mini.weights import random_model
     model = random_model("tiny", torch.float32, "cpu")
     cfg = EngineConfig(device="cpu", dtype="float32", policy="apex", gpu_kv_blocks=8, cpu_kv_blocks=64)
     first = Engine(model, cfg)
@@ -589,7 +604,6 @@ def test_engine_predictor_follows_the_feedback_option(feedback, monkeypatch, tmp
     """predictor_feedback reaches the predictor the engine builds: off, it has no feedback and
     observing a slow iteration leaves every prediction at the tables'."""
     from apex_mini.engine import Engine
-    from apex_mini.weights import random_model
     fake_profiling(monkeypatch, tmp_path)
     model = random_model("tiny", torch.float32, "cpu")
     cfg = EngineConfig(device="cpu", dtype="float32", policy="apex", gpu_kv_blocks=8,
@@ -702,7 +716,6 @@ def test_an_iteration_that_captures_a_graph_is_neither_learned_from_nor_scored(m
     step is recorded as `captured_graph`, never reaches the feedback, and is counted apart."""
     from apex_mini.engine import Engine
     from apex_mini.sampling import SamplingParams
-    from apex_mini.weights import random_model
     fake_profiling(monkeypatch, tmp_path)
     model = random_model("tiny", torch.float32, "cpu")
     cfg = EngineConfig(device="cpu", dtype="float32", policy="apex", gpu_kv_blocks=64,
