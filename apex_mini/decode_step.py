@@ -34,8 +34,9 @@ this leaner function instead:
   order. That is what lets `torch.compile` trace it once and CUDA graphs replay it.
 
 The numerics follow model.py (RMSNorm in fp32, the same RoPE), so greedy tokens equal the
-layer loop's; only summation orders differ (SDPA instead of einsum; with the fast path off, the
-products on model.py's own weights).
+layer loop's, which runs the same packed layers (only the attention's summation order differs:
+SDPA instead of einsum), and the reference's, model.py's own layers with the fast path off
+(packed_model.py says where those round differently).
 
 Vocabulary: B = rows (padded to a bucket), W = block-table width, ctx = W * block_size,
 H = query heads, KVH = key/value heads, G = H // KVH, D = head_dim.
