@@ -84,9 +84,8 @@ class PackedModel:
     """model.LlamaForCausalLM's `embed`, `layers` and `logits`, on weights in `layout`."""
 
     def __init__(self, model, layout: str):
-        cfg = model.config
-        self.config, self.layout = cfg, layout
-        self.eps = cfg.rms_norm_eps
+        self.layout = layout
+        self.eps = model.config.rms_norm_eps
         self.rotary = model.model.rotary_emb
         self.embed_weight = model.model.embed_tokens.weight
         self.final_norm_weight = model.model.norm.weight
